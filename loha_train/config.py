@@ -1,0 +1,161 @@
+"""The run configuration: one frozen dataclass per YAML section; defaults live here and nowhere else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+# Every field's comment is its documentation: scripts/config_table.py turns these dataclasses into the
+# README's config reference table, so keep each comment to one line a user can act on.
+
+Preset = Literal["attn-only", "attn-mlp", "full", "full-lin", "none"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """`model:` which base model to train against."""
+
+    path: str  # diffusers folder, single-file .safetensors/.ckpt, or builtin:tiny-sd / builtin:tiny-sdxl
+    family: Literal["auto", "sd1", "sd2", "sdxl"] = "auto"  # detected from the files; set it only to assert
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"  # auto: read from scheduler config
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # precision of the frozen weights
+    vae_path: str | None = None  # optional separate VAE (diffusers folder or single file)
+    clip_skip: int = 1  # use the output of the N-th last text-encoder layer (2 for anime models)
+    zero_terminal_snr: bool = False  # rescale the noise schedule to zero terminal SNR (use with v_prediction)
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """`network:` where the LoHa adapters go and how big they are."""
+
+    preset: Preset = "attn-mlp"  # which modules get LoHa; "none" to use only `targets`
+    targets: tuple[str, ...] = ()  # extra regexes searched in qualified module names (unet.…, text_encoder.…)
+    exclude: tuple[str, ...] = ()  # regexes; matching modules are left without an adapter
+    rank: int = 8  # rank of each Hadamard factor for linear layers (and 1x1 convs)
+    alpha: float = 4.0  # scale = alpha / rank
+    conv_rank: int | None = None  # rank for k x k convs; default: `rank`
+    conv_alpha: float | None = None  # alpha for k x k convs; default: `alpha`
+    use_cp: bool = True  # CP-decompose k x k convs (LyCORIS use_tucker, PEFT use_effective_conv2d)
+    rank_dropout: float = 0.0  # probability of dropping an output row of the delta (rescaled), training only
+    module_dropout: float = 0.0  # probability of skipping a module's adapter for a step, training only
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # regex -> rank, first match wins
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # regex -> alpha, first match wins
+    train_unet: bool = True  # put LoHa on the UNet
+    train_text_encoder: bool = False  # put LoHa on the text encoder(s)
+    init_from: str | None = None  # start from an existing LoHa .safetensors instead of zero
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """`data:` the training images, captions and caches."""
+
+    path: str  # folder of images + .txt captions, kohya N_name subfolders, metadata.jsonl, or builtin:shapes
+    repeats: int = 1  # times each image is seen per epoch (N_name subfolders override it)
+    caption_extension: str = ".txt"  # caption file next to each image
+    default_caption: str | None = None  # caption for images without one
+    trigger_word: str | None = None  # prepended to every caption (kept first when shuffling)
+    shuffle_captions: bool = False  # shuffle comma-separated tags each step
+    keep_tokens: int = 0  # leading tags that shuffling and tag dropout leave in place
+    caption_separator: str = ","  # tag separator for shuffling and tag dropout
+    caption_dropout: float = 0.0  # probability of an empty caption for a sample
+    tag_dropout: float = 0.0  # probability of dropping each (non-kept) tag
+    resolution: int = 512  # training side length in pixels (multiple of 8); buckets hold about resolution^2
+    bucketing: bool = True  # aspect-ratio buckets; off: resize and center-crop to a square
+    bucket_min_side: int = 256  # smallest bucket side
+    bucket_max_side: int = 1024  # largest bucket side
+    bucket_step: int = 64  # bucket sides are multiples of this
+    bucket_no_upscale: bool = True  # never upscale an image to reach a bucket
+    random_crop: bool = False  # random instead of center crop (incompatible with latent caching)
+    flip: bool = False  # random horizontal flip (incompatible with latent caching)
+    reg_path: str | None = None  # regularization (class) images, DreamBooth style
+    reg_repeats: int = 1  # repeats for regularization images
+    prior_loss_weight: float = 1.0  # loss weight of regularization images
+    cache_latents: Literal["memory", "disk", "none"] = "disk"  # disk caches live in <data>/.loha-cache
+    cache_text_embeddings: bool = True  # when the text encoder is frozen and captions are fixed
+    num_workers: int = 0  # dataloader workers
+    validation_path: str | None = None  # held-out images for a validation loss
+    validation_split: float = 0.0  # or hold out this fraction of the training images
+    skip_bad_images: bool = False  # warn and skip unreadable images instead of stopping
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """`train:` the optimisation."""
+
+    max_steps: int | None = None  # optimizer steps; give this or `epochs`
+    epochs: int | None = None  # passes over the (repeated) dataset
+    batch_size: int = 1  # images per step per process
+    gradient_accumulation: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-4  # learning rate for all adapters
+    unet_lr: float | None = None  # default: `lr`
+    text_encoder_lr: float | None = None  # default: `lr`
+    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = "adamw"  # adamw8bit needs bitsandbytes, prodigy prodigyopt
+    weight_decay: float = 0.01  # decoupled weight decay
+    adam_beta1: float = 0.9  # first-moment decay
+    adam_beta2: float = 0.999  # second-moment decay
+    adam_eps: float = 1e-8  # denominator epsilon
+    scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = "constant"  # learning-rate schedule
+    warmup_steps: int = 0  # linear warm-up steps
+    max_grad_norm: float = 1.0  # gradient clipping; 0 disables
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast precision (GPU)
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+    seed: int = 42  # seeds data order, noise, dropouts and init
+    noise_offset: float = 0.0  # offset noise strength (0.05-0.1 for darker/brighter images)
+    min_snr_gamma: float | None = None  # min-SNR loss weighting (5 is common)
+    save_every_steps: int | None = None  # resumable checkpoint interval
+    keep_last_checkpoints: int = 3  # older checkpoints are deleted
+    nan_policy: Literal["stop", "skip"] = "stop"  # on a NaN/inf loss: stop, or skip that step
+    validation_every_steps: int | None = None  # validation loss interval (needs a validation set)
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    """One entry of `sample.prompts` (a plain string is a prompt with defaults)."""
+
+    prompt: str  # the text prompt
+    negative_prompt: str = ""  # the negative prompt
+    width: int | None = None  # default: data.resolution
+    height: int | None = None  # default: data.resolution
+    seed: int | None = None  # default: sample.seed
+    steps: int | None = None  # default: sample.steps
+    guidance: float | None = None  # default: sample.guidance
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """`sample:` images generated during training."""
+
+    prompts: tuple[SamplePrompt, ...] = ()  # no prompts: no samples
+    sampler: Literal["euler", "euler_a", "ddim", "dpmpp_2m", "pndm"] = "euler_a"  # diffusers scheduler
+    steps: int = 20  # denoising steps
+    guidance: float = 7.0  # classifier-free guidance scale
+    seed: int = 0  # base seed for prompts without one
+    every_n_steps: int | None = None  # sample every N optimizer steps
+    every_n_epochs: int | None = None  # sample at the end of every N epochs
+    at_start: bool = True  # sample before the first step (the untrained baseline)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """`output:` where results go."""
+
+    dir: str  # output folder (the layout is in the README)
+    name: str = "loha"  # file name stem and ss_output_name
+    save_precision: Literal["fp16", "bf16", "fp32"] = "fp16"  # dtype of exported adapters
+    save_adapter_every_steps: int | None = None  # also export <name>-step-NNNNNN.safetensors every N steps
+    title: str | None = None  # modelspec.title; default: `name`
+    trigger_words: tuple[str, ...] = ()  # recorded in metadata for users of the file
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run."""
+
+    model: ModelConfig
+    network: NetworkConfig
+    data: DataConfig
+    train: TrainConfig
+    output: OutputConfig
+    sample: SampleConfig = field(default_factory=SampleConfig)
