@@ -1,0 +1,309 @@
+"""Choose target modules by preset and patterns, wrap them in LoHa, and name them the kohya/LyCORIS way."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .config import NetworkConfig
+from .layers import LoHaModule, parameter_count, wrap_layer
+
+UNET = "unet"
+TEXT_ENCODER = "text_encoder"
+TEXT_ENCODER_2 = "text_encoder_2"
+
+
+class InjectError(ValueError):
+    """A target, pattern or adapter state that does not fit the model."""
+
+
+@dataclass(frozen=True)
+class _Preset:
+    unet_containers: frozenset[str]  # class names whose Linear/Conv2d children are targets
+    unet_names: frozenset[str]  # module paths targeted directly
+    te_containers: frozenset[str]
+    convs: bool  # k x k convs included (1x1 convs follow the container rule)
+
+
+_TRANSFORMER = frozenset({"Transformer2DModel", "BasicTransformerBlock"})
+_RESNET = frozenset({"ResnetBlock2D", "Downsample2D", "Upsample2D"})
+_TE_ATTN = frozenset({"CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2"})
+_TE_ALL = _TE_ATTN | {"CLIPMLP"}
+_TOP_LEVEL = frozenset({"conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"})
+
+# The LyCORIS presets of the same names; attn-mlp also takes proj_in/proj_out (1x1 convs in SD 1.x), as
+# kohya's default LoRA network does.
+PRESETS: dict[str, _Preset] = {
+    "attn-only": _Preset(frozenset({"Attention"}), frozenset(), _TE_ATTN, convs=False),
+    "attn-mlp": _Preset(_TRANSFORMER, frozenset(), _TE_ALL, convs=False),
+    "full-lin": _Preset(_TRANSFORMER | _RESNET, _TOP_LEVEL - {"conv_in", "conv_out"}, _TE_ALL, convs=False),
+    "full": _Preset(_TRANSFORMER | _RESNET, _TOP_LEVEL, _TE_ALL, convs=True),
+    "none": _Preset(frozenset(), frozenset(), frozenset(), convs=False),
+}
+
+# Modules that neither A1111 nor ComfyUI map (SDXL's add_embedding, the SDXL text projection): never targets.
+_UNMAPPED = re.compile(r"(^|\.)(add_embedding|text_projection)(\.|$)")
+
+
+def kohya_unet_name(path: str, prefix: str = "lora_unet") -> str:
+    """diffusers UNet module path -> kohya key stem, e.g. lora_unet_down_blocks_0_attentions_0_proj_in."""
+    return f"{prefix}_{path.replace('.', '_')}"
+
+
+def kohya_te_name(path: str, prefix: str = "lora_te") -> str:
+    """transformers CLIP text-encoder path -> kohya key stem, always with the text_model level.
+
+    transformers 5 dropped `text_model.` from CLIPTextModel's module names, but WebUI and ComfyUI only match
+    `lora_te_text_model_encoder_layers_N_...`, so the level is written here whatever the live tree says.
+    """
+    path = path.removeprefix("text_model.")
+    return f"{prefix}_text_model_{path.replace('.', '_')}"
+
+
+@dataclass(frozen=True)
+class Component:
+    """A model part that can carry adapters: its name in patterns, its module, and how its keys are named."""
+
+    name: str  # "unet", "text_encoder", "text_encoder_2"
+    module: nn.Module
+    prefix: str  # "lora_unet", "lora_te", "lora_te1", "lora_te2"
+    key_fn: Callable[[str, str], str]  # (module path, prefix) -> key stem
+
+    @property
+    def is_unet(self) -> bool:
+        return self.name == UNET
+
+
+def sd_components(
+    unet: nn.Module | None, text_encoders: list[nn.Module] | tuple[nn.Module, ...] = ()
+) -> list[Component]:
+    """Components for SD 1.x/2.x (one text encoder: lora_te) or SDXL-style pairs (lora_te1, lora_te2)."""
+    comps = [Component(UNET, unet, "lora_unet", kohya_unet_name)] if unet is not None else []
+    if len(text_encoders) == 1:
+        comps.append(Component(TEXT_ENCODER, text_encoders[0], "lora_te", kohya_te_name))
+    else:
+        names = (TEXT_ENCODER, TEXT_ENCODER_2)
+        for i, te in enumerate(text_encoders):
+            comps.append(Component(names[i], te, f"lora_te{i + 1}", kohya_te_name))
+    return comps
+
+
+@dataclass
+class LoHaNetwork:
+    """The injected adapters: kohya key stem -> LoHa module, plus which component each belongs to."""
+
+    modules: dict[str, LoHaModule] = field(default_factory=dict)
+    qualnames: dict[str, str] = field(default_factory=dict)  # key stem -> "unet.down_blocks.0..."
+    components: dict[str, str] = field(default_factory=dict)  # key stem -> component name
+
+    def parameters(self, component: str | None = None) -> Iterator[nn.Parameter]:
+        for key, module in self.modules.items():
+            if component is None or self.components[key] == component:
+                yield from module.parameters(recurse=False)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """`<key stem>.<suffix>` -> tensor, the layout of a LyCORIS file (before dtype conversion)."""
+        return {
+            f"{key}.{suffix}": tensor
+            for key, module in self.modules.items()
+            for suffix, tensor in module.adapter_state().items()
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Copy LyCORIS-layout tensors in; any missing, unexpected or misshapen key is an InjectError."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        misshapen = [
+            f"{k}: file {tuple(state[k].shape)}, model {tuple(v.shape)}"
+            for k, v in own.items()
+            if k in state and state[k].shape != v.shape
+        ]
+        if missing or unexpected or misshapen:
+            raise InjectError(_mismatch_message(missing, unexpected, misshapen))
+        for key, tensor in own.items():
+            tensor.copy_(state[key])  # adapter_state() returns the live parameters and alpha buffers
+
+    def set_multiplier(self, multiplier: float) -> None:
+        for module in self.modules.values():
+            module.multiplier = multiplier
+
+    def merge(self) -> None:
+        for module in self.modules.values():
+            module.merge()
+
+    def unmerge(self) -> None:
+        for module in self.modules.values():
+            module.unmerge()
+
+    def report(self) -> dict[str, dict[str, int]]:
+        """Per component: adapted module count and trainable parameter count."""
+        out: dict[str, dict[str, int]] = {}
+        for key, module in self.modules.items():
+            row = out.setdefault(self.components[key], {"modules": 0, "params": 0})
+            row["modules"] += 1
+            row["params"] += parameter_count(module)
+        return out
+
+
+def _mismatch_message(missing: list[str], unexpected: list[str], misshapen: list[str]) -> str:
+    parts = ["The adapter tensors do not fit the injected model."]
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen)):
+        if items:
+            shown = ", ".join(items[:20]) + (f", ... ({len(items) - 20} more)" if len(items) > 20 else "")
+            parts.append(f"{len(items)} {title}: {shown}.")
+    return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    component: Component
+    path: str
+    module: nn.Module
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.component.name}.{self.path}"
+
+    @property
+    def key(self) -> str:
+        return self.component.key_fn(self.path, self.component.prefix)
+
+    @property
+    def is_kxk_conv(self) -> bool:
+        return isinstance(self.module, nn.Conv2d) and tuple(self.module.kernel_size) != (1, 1)
+
+
+def _candidates(component: Component) -> Iterator[_Candidate]:
+    """Every Linear / Conv2d of a component that a LoHa can wrap, with the classes of its ancestors."""
+    modules = dict(component.module.named_modules())
+    if any(isinstance(m, LoHaModule) for m in modules.values()):
+        raise InjectError(f"The {component.name} already carries LoHa adapters; remove them before injecting again")
+    for path, module in modules.items():
+        if isinstance(module, nn.Linear | nn.Conv2d) and not _UNMAPPED.search(path):
+            yield _Candidate(component, path, module)
+
+
+def _ancestor_classes(root: nn.Module, path: str) -> set[str]:
+    classes, module = set(), root
+    for part in path.split(".")[:-1]:
+        module = getattr(module, part)
+        classes.add(type(module).__name__)
+    return classes
+
+
+def _in_preset(cand: _Candidate, preset: _Preset) -> bool:
+    if cand.is_kxk_conv and not preset.convs:
+        return False
+    if cand.component.is_unet:
+        if cand.path in preset.unet_names:
+            return True
+        containers = preset.unet_containers
+    else:
+        containers = preset.te_containers
+    return bool(containers & _ancestor_classes(cand.component.module, cand.path))
+
+
+def _matches(pattern: str, cand: _Candidate) -> bool:
+    return re.search(pattern, cand.qualname) is not None or re.search(pattern, cand.key) is not None
+
+
+def _first_match(patterns: dict[str, float], cand: _Candidate) -> float | None:
+    for pattern, value in patterns.items():
+        if _matches(pattern, cand):
+            return value
+    return None
+
+
+def select_targets(components: list[Component], cfg: NetworkConfig) -> list[_Candidate]:
+    """The modules the preset and `targets` choose, minus `exclude`; unmatched patterns are an InjectError."""
+    if cfg.preset not in PRESETS:
+        raise InjectError(f"network.preset: unknown preset {cfg.preset!r}; valid: {', '.join(PRESETS)}")
+    preset = PRESETS[cfg.preset]
+    every = [c for comp in components for c in _candidates(comp)]
+    problems = [
+        f"network.targets: {p!r} matches no Linear or Conv2d module"
+        for p in cfg.targets
+        if not any(_matches(p, c) for c in every)
+    ]
+    chosen = [c for c in every if _in_preset(c, preset) or any(_matches(p, c) for p in cfg.targets)]
+    problems += [
+        f"network.exclude: {p!r} matches no targeted module"
+        for p in cfg.exclude
+        if not any(_matches(p, c) for c in chosen)
+    ]
+    chosen = [c for c in chosen if not any(_matches(p, c) for p in cfg.exclude)]
+    for key, patterns in (("rank_pattern", cfg.rank_pattern), ("alpha_pattern", cfg.alpha_pattern)):
+        problems += [
+            f"network.{key}: {p!r} matches no targeted module"
+            for p in patterns
+            if not any(_matches(p, c) for c in chosen)
+        ]
+    if not chosen and not problems:
+        names = ", ".join(c.name for c in components)
+        problems.append(f"network.preset {cfg.preset!r} and targets select no module in {names}")
+    if problems:
+        raise InjectError("Cannot place the LoHa adapters: " + "; ".join(problems) + ".")
+    return chosen
+
+
+def rank_alpha_for(cand: _Candidate, cfg: NetworkConfig) -> tuple[int, float]:
+    """Rank and alpha of one module: pattern overrides, else conv_rank/conv_alpha for k x k convs, else rank."""
+    rank = cfg.conv_rank if cand.is_kxk_conv and cfg.conv_rank is not None else cfg.rank
+    alpha = cfg.conv_alpha if cand.is_kxk_conv and cfg.conv_alpha is not None else cfg.alpha
+    rank_override = _first_match(dict(cfg.rank_pattern), cand)
+    alpha_override = _first_match(dict(cfg.alpha_pattern), cand)
+    return (
+        int(rank_override) if rank_override is not None else rank,
+        float(alpha_override) if alpha_override is not None else alpha,
+    )
+
+
+def inject_loha(components: list[Component], cfg: NetworkConfig, *, seed: int | None = None) -> LoHaNetwork:
+    """Freeze every component, wrap the selected modules in LoHa, and return the network of adapters.
+
+    `seed` makes the factor initialisation reproducible without touching the global RNG.
+    """
+    for comp in components:
+        comp.module.requires_grad_(False)
+    targets = select_targets(components, cfg)
+    network = LoHaNetwork()
+    rng_state = torch.random.get_rng_state()
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        for cand in targets:
+            rank, alpha = rank_alpha_for(cand, cfg)
+            wrapped = wrap_layer(
+                cand.module, rank, alpha, use_cp=cfg.use_cp,
+                rank_dropout=cfg.rank_dropout, module_dropout=cfg.module_dropout,
+            )  # fmt: skip
+            _set_submodule(cand.component.module, cand.path, wrapped)
+            if cand.key in network.modules:
+                raise InjectError(f"Two modules map to the same key {cand.key!r}: {cand.qualname}")
+            network.modules[cand.key] = wrapped
+            network.qualnames[cand.key] = cand.qualname
+            network.components[cand.key] = cand.component.name
+    finally:
+        if seed is not None:
+            torch.random.set_rng_state(rng_state)
+    return network
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)
+
+
+def remove_loha(components: list[Component]) -> None:
+    """Put the base layers back where LoHa wrappers are (merged deltas stay in the weights)."""
+    for comp in components:
+        wrapped = [(p, m) for p, m in comp.module.named_modules() if isinstance(m, LoHaModule)]
+        for path, module in wrapped:
+            _set_submodule(comp.module, path, module.base)

@@ -1,0 +1,205 @@
+"""LoHa wrappers around frozen nn.Linear / nn.Conv2d layers, with on-disk parameter names and merge."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as LF
+
+ADAPTER_SUFFIXES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha")
+
+
+class LoHaModule(nn.Module):
+    """A frozen base layer plus a LoHa delta; forward is base(x) + multiplier * x DeltaW in factored form.
+
+    Parameters carry the on-disk names (hada_w1_a ... hada_t2) and `alpha` is a 0-dim buffer, so the
+    module's own state is exactly what a LyCORIS file holds for it, minus the key prefix.
+    """
+
+    hada_w1_a: nn.Parameter
+    hada_w1_b: nn.Parameter
+    hada_w2_a: nn.Parameter
+    hada_w2_b: nn.Parameter
+    alpha: Tensor
+
+    def __init__(
+        self,
+        base: nn.Module,
+        rank: int,
+        alpha: float,
+        *,
+        rank_dropout: float = 0.0,
+        module_dropout: float = 0.0,
+        multiplier: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoHa rank must be >= 1, got {rank}")
+        if alpha == 0:
+            raise ValueError("LoHa alpha must be non-zero (WebUI and ComfyUI zero the adapter when alpha is 0)")
+        base.requires_grad_(False)
+        self.base = base
+        self.rank = rank
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
+        self.multiplier = multiplier
+        self.merged = False
+        self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32))
+
+    # Subclasses define the factor shapes, delta_weight() and adapter_forward().
+    @property
+    def use_cp(self) -> bool:
+        return False
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank, applied once."""
+        return float(self.alpha) / self.rank
+
+    def _scale_t(self) -> Tensor:
+        return self.alpha / self.rank
+
+    @property
+    def out_features(self) -> int:
+        return int(self.base.weight.shape[0])
+
+    def _make_factors(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...], device: torch.device) -> None:
+        for name, shape in (("hada_w1_a", a_shape), ("hada_w1_b", b_shape)):
+            setattr(self, name, nn.Parameter(torch.empty(shape, device=device)))
+            setattr(self, name.replace("w1", "w2"), nn.Parameter(torch.empty(shape, device=device)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        if self.merged or self.multiplier == 0:
+            return y
+        if self.training and self.module_dropout > 0 and float(torch.rand(())) < self.module_dropout:
+            return y
+        return y + self.adapter_forward(x, self._row_scale(x.device))
+
+    def _row_scale(self, device: torch.device) -> Tensor:
+        """scale * multiplier (a 0-dim tensor: no device sync), times a rank-dropout row mask in training."""
+        s = self.alpha * (self.multiplier / self.rank)
+        if self.training and self.rank_dropout > 0:
+            return LF.rank_dropout_scale(self.out_features, self.rank_dropout, device) * s
+        return s
+
+    def adapter_forward(self, x: Tensor, row_scale: Tensor) -> Tensor:
+        """x DeltaW^T (or the conv analogue) with each output row scaled by row_scale."""
+        raise NotImplementedError
+
+    def delta_weight(self) -> Tensor:
+        """DeltaW (scaled by alpha / rank, without the multiplier) in the base weight's shape, float32."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Bake multiplier * DeltaW into the base weight; a second call does nothing."""
+        if not self.merged:
+            w = self.base.weight
+            w.add_((self.delta_weight() * self.multiplier).to(w.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the merged delta back out of the base weight; does nothing when not merged."""
+        if self.merged:
+            w = self.base.weight
+            w.sub_((self.delta_weight() * self.multiplier).to(w.dtype))
+            self.merged = False
+
+    def adapter_state(self) -> dict[str, Tensor]:
+        """The tensors a LyCORIS file stores for this module, by suffix."""
+        return {k: v for k, v in self.state_dict().items() if k in ADAPTER_SUFFIXES}
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={float(self.alpha):g}, cp={self.use_cp}"
+
+
+class LoHaLinear(LoHaModule):
+    """LoHa around nn.Linear: w1_a, w2_a (out, r); w1_b, w2_b (r, in)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, **kwargs: float) -> None:
+        super().__init__(base, rank, alpha, **kwargs)
+        self._make_factors((base.out_features, rank), (rank, base.in_features), base.weight.device)
+        LF.init_loha_(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b)
+
+    def adapter_forward(self, x: Tensor, row_scale: Tensor) -> Tensor:
+        return LF.factored_linear(x, self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, row_scale)
+
+    def delta_weight(self) -> Tensor:
+        return LF.delta_weight(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, self._scale_t())
+
+
+class LoHaConv2d(LoHaModule):
+    """LoHa around nn.Conv2d (groups = 1): plain for 1x1 (and k x k without CP), CP for k x k with use_cp."""
+
+    hada_t1: nn.Parameter
+    hada_t2: nn.Parameter
+
+    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, *, use_cp: bool = True, **kwargs: float) -> None:
+        if base.groups != 1:
+            raise ValueError(f"LoHa supports Conv2d with groups=1 only, got groups={base.groups}")
+        if base.padding_mode != "zeros":
+            raise ValueError(f"LoHa supports zero padding only, got padding_mode={base.padding_mode!r}")
+        super().__init__(base, rank, alpha, **kwargs)
+        out_ch, in_ch, kh, kw = base.weight.shape
+        self._cp = use_cp and (kh, kw) != (1, 1)
+        device = base.weight.device
+        if self._cp:
+            self._make_factors((rank, out_ch), (rank, in_ch), device)
+            self.hada_t1 = nn.Parameter(torch.empty(rank, rank, kh, kw, device=device))
+            self.hada_t2 = nn.Parameter(torch.empty(rank, rank, kh, kw, device=device))
+            cores: tuple[Tensor, ...] = (self.hada_t1, self.hada_t2)
+        else:
+            self._make_factors((out_ch, rank), (rank, in_ch * kh * kw), device)
+            cores = ()
+        LF.init_loha_(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, *cores)
+
+    @property
+    def use_cp(self) -> bool:
+        return self._cp
+
+    def adapter_forward(self, x: Tensor, row_scale: Tensor) -> Tensor:
+        conv = self.base
+        if self._cp:
+            return LF.factored_conv_cp(
+                x, self.hada_t1, self.hada_w1_a, self.hada_w1_b, self.hada_t2, self.hada_w2_a, self.hada_w2_b,
+                row_scale, conv.stride, conv.padding, conv.dilation,
+            )  # fmt: skip
+        return LF.factored_conv(
+            x, self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, row_scale,
+            conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+        )  # fmt: skip
+
+    def delta_weight(self) -> Tensor:
+        if self._cp:
+            return LF.delta_weight_cp(
+                self.hada_t1, self.hada_w1_a, self.hada_w1_b, self.hada_t2, self.hada_w2_a, self.hada_w2_b,
+                self._scale_t(),
+            )  # fmt: skip
+        flat = LF.delta_weight(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, self._scale_t())
+        return flat.reshape(self.base.weight.shape)
+
+
+def wrap_layer(
+    base: nn.Module,
+    rank: int,
+    alpha: float,
+    *,
+    use_cp: bool = True,
+    rank_dropout: float = 0.0,
+    module_dropout: float = 0.0,
+) -> LoHaModule:
+    """Wrap an nn.Linear or nn.Conv2d in the matching LoHa module."""
+    dropouts = {"rank_dropout": rank_dropout, "module_dropout": module_dropout}
+    if isinstance(base, nn.Linear):
+        return LoHaLinear(base, rank, alpha, **dropouts)
+    if isinstance(base, nn.Conv2d):
+        return LoHaConv2d(base, rank, alpha, use_cp=use_cp, **dropouts)
+    raise TypeError(f"LoHa wraps nn.Linear and nn.Conv2d, not {type(base).__name__}")
+
+
+def parameter_count(module: LoHaModule) -> int:
+    """Trainable adapter parameters of one module."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
