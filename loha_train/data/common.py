@@ -1,0 +1,57 @@
+"""Shared pieces of the data package: the error type, problem records, seeded RNGs and file hashing."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+
+
+class DataError(Exception):
+    """A dataset problem the user must fix: the message names the file(s) and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One bad file found while scanning or checking; `item_key` names the image it makes unusable."""
+
+    path: Path
+    message: str
+    line: int | None = None  # 1-based line number inside `path`, for metadata.jsonl
+    item_key: str | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line is not None else str(self.path)
+        return f"{where}: {self.message}"
+
+
+def _as_int(part: int | str) -> int:
+    if isinstance(part, int):
+        if part < 0:
+            raise ValueError(f"RNG seed parts must be non-negative, got {part}")
+        return part
+    return int.from_bytes(hashlib.blake2b(part.encode(), digest_size=8).digest(), "little")
+
+
+def derive_rng(*parts: int | str) -> np.random.Generator:
+    """A generator seeded only by `parts` (e.g. seed, "caption", epoch, slot): no global RNG state.
+
+    Strings are hashed stably (blake2b), so the stream is the same on every OS, Python and process.
+    """
+    return np.random.default_rng(np.random.SeedSequence([_as_int(p) for p in parts]))
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
