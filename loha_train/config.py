@@ -2,13 +2,48 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from loha_train.config_check import (
+    INVALID,
+    Builder,
+    ConfigError,
+    ConfigProblem,
+    Schema,
+    dump_yaml,
+    parse_yaml,
+    to_plain,
+)
+from loha_train.config_rules import FIELD_RULES, rule_problems
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "ConfigProblem",
+    "DataConfig",
+    "ModelConfig",
+    "NetworkConfig",
+    "OutputConfig",
+    "SampleConfig",
+    "SamplePrompt",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+    "resolved_prompts",
+]
 
 # Every field's comment is its documentation: scripts/config_table.py turns these dataclasses into the
 # README's config reference table, so keep each comment to one line a user can act on.
 
 Preset = Literal["attn-only", "attn-mlp", "full", "full-lin", "none"]
+Scheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +78,14 @@ class NetworkConfig:
     train_unet: bool = True  # put LoHa on the UNet
     train_text_encoder: bool = False  # put LoHa on the text encoder(s)
     init_from: str | None = None  # start from an existing LoHa .safetensors instead of zero
+
+    @property
+    def effective_conv_rank(self) -> int:
+        return self.rank if self.conv_rank is None else self.conv_rank
+
+    @property
+    def effective_conv_alpha(self) -> float:
+        return self.alpha if self.conv_alpha is None else self.conv_alpha
 
 
 @dataclass(frozen=True)
@@ -94,9 +137,7 @@ class TrainConfig:
     adam_beta1: float = 0.9  # first-moment decay
     adam_beta2: float = 0.999  # second-moment decay
     adam_eps: float = 1e-8  # denominator epsilon
-    scheduler: Literal[
-        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
-    ] = "constant"  # learning-rate schedule
+    scheduler: Scheduler = "constant"  # learning-rate schedule
     warmup_steps: int = 0  # linear warm-up steps
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast precision (GPU)
@@ -108,6 +149,14 @@ class TrainConfig:
     keep_last_checkpoints: int = 3  # older checkpoints are deleted
     nan_policy: Literal["stop", "skip"] = "stop"  # on a NaN/inf loss: stop, or skip that step
     validation_every_steps: int | None = None  # validation loss interval (needs a validation set)
+
+    @property
+    def effective_unet_lr(self) -> float:
+        return self.lr if self.unet_lr is None else self.unet_lr
+
+    @property
+    def effective_text_encoder_lr(self) -> float:
+        return self.lr if self.text_encoder_lr is None else self.text_encoder_lr
 
 
 @dataclass(frozen=True)
@@ -148,6 +197,10 @@ class OutputConfig:
     title: str | None = None  # modelspec.title; default: `name`
     trigger_words: tuple[str, ...] = ()  # recorded in metadata for users of the file
 
+    @property
+    def effective_title(self) -> str:
+        return self.name if self.title is None else self.title
+
 
 @dataclass(frozen=True)
 class Config:
@@ -159,3 +212,120 @@ class Config:
     train: TrainConfig
     output: OutputConfig
     sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+def resolved_prompts(cfg: Config) -> tuple[SamplePrompt, ...]:
+    """`sample.prompts` with every unset field filled in from `sample` and `data.resolution`."""
+    sample, side = cfg.sample, cfg.data.resolution
+    return tuple(
+        replace(
+            p,
+            width=side if p.width is None else p.width,
+            height=side if p.height is None else p.height,
+            seed=sample.seed if p.seed is None else p.seed,
+            steps=sample.steps if p.steps is None else p.steps,
+            guidance=sample.guidance if p.guidance is None else p.guidance,
+        )
+        for p in sample.prompts
+    )
+
+
+SCHEMA = Schema(root=Config, field_rules=FIELD_RULES, shorthands={SamplePrompt: "prompt"})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Paths. Relative paths are relative to the current directory, as for any command-line tool (not to the
+# config file), and are stored absolute, so the copy of the config saved with a run works from anywhere.
+
+BUILTIN_PREFIX = "builtin:"
+_INPUT_PATHS = (
+    "model.path",
+    "model.vae_path",
+    "network.init_from",
+    "data.path",
+    "data.reg_path",
+    "data.validation_path",
+)
+_OUTPUT_PATHS = ("output.dir",)
+
+
+def _absolute_paths(sections: dict[str, Any]) -> dict[str, Any]:
+    out = dict(sections)
+    for key in _INPUT_PATHS + _OUTPUT_PATHS:
+        section, name = key.split(".")
+        value = getattr(out[section], name, None) if out[section] is not INVALID else None
+        if value is not None and not value.startswith(BUILTIN_PREFIX):
+            out[section] = replace(out[section], **{name: os.path.abspath(os.path.expanduser(value))})
+    return out
+
+
+def _path_problems(sections: Mapping[str, Any]) -> Iterator[ConfigProblem]:
+    for key in _INPUT_PATHS + _OUTPUT_PATHS:
+        section, name = key.split(".")
+        value = getattr(sections[section], name, None) if sections[section] is not INVALID else None
+        if value is None or value.startswith(BUILTIN_PREFIX):
+            continue
+        if key in _INPUT_PATHS and not os.path.exists(value):
+            yield ConfigProblem(key, f"does not exist: {value}")
+        elif key in _OUTPUT_PATHS and os.path.isfile(value):
+            yield ConfigProblem(key, f"is a file, not a folder: {value}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading and saving.
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = (), *, check_paths: bool = True) -> Config:
+    """Read a YAML config, apply `--set dotted.key=value` overrides, check everything; raise ConfigError."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError([ConfigProblem("", f"cannot read the config file: {err.strerror}")], source) from None
+    return config_from_dict(parse_yaml(text, source), overrides, check_paths=check_paths, source=source)
+
+
+def config_from_dict(
+    raw: Mapping[str, Any] | None,
+    overrides: Sequence[str] = (),
+    *,
+    check_paths: bool = True,
+    source: str | None = None,
+) -> Config:
+    """Like load_config() for data already parsed (tests, programmatic runs)."""
+    raw = {} if raw is None else raw  # an empty file: report what is required
+    if not isinstance(raw, Mapping):
+        sections = ", ".join(f.name for f in fields(Config))
+        raise ConfigError([ConfigProblem("", f"the top level must be a mapping of sections ({sections})")], source)
+    builder = Builder(SCHEMA)
+    raw = builder.apply_overrides(raw, overrides)
+    sections = _absolute_paths(builder.build_fields(Config, raw))
+    problems = builder.problems
+    if check_paths:
+        problems.extend(_path_problems(sections))
+    problems.extend(rule_problems(sections))
+    if problems:
+        raise ConfigError(problems, source)
+    return Config(**sections)
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of `raw` with each `dotted.key=value` set (value read as YAML); unknown keys raise ConfigError.
+
+    Types are not checked here: load_config() checks the result like any config.
+    """
+    builder = Builder(SCHEMA)
+    out = builder.apply_overrides(raw, overrides)
+    if builder.problems:
+        raise ConfigError(builder.problems)
+    return out
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Every field, defaults included, as plain YAML/JSON data."""
+    return to_plain(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML; load_config() reads it back to an equal Config."""
+    return dump_yaml(config_to_dict(cfg))

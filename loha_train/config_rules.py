@@ -1,0 +1,223 @@
+"""What makes a config wrong beyond its types: value ranges and contradictions between values."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from inspect import signature
+from typing import Any
+
+from loha_train.config_check import INVALID, ConfigProblem, FieldRule, show
+
+# ---------------------------------------------------------------------------------------------------------
+# Part 1: one rule per value, keyed by dotted key (`[]`: any list item or mapping value, `{}`: mapping key).
+
+
+def _must(ok: Callable[[Any], bool], requirement: str, why: str = "") -> FieldRule:
+    def rule(value: Any) -> str | None:
+        return None if ok(value) else f"must be {requirement}, got {show(value)}" + (f"; {why}" if why else "")
+
+    return rule
+
+
+def _regex_error(pattern: str) -> str | None:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        return f"{pattern!r} is not a valid regular expression: {err}"
+    return None
+
+
+_NON_NEGATIVE = _must(lambda v: v >= 0, ">= 0")
+_AT_LEAST_1 = _must(lambda v: v >= 1, ">= 1")
+_POSITIVE = _must(lambda v: v > 0, "> 0")
+_FRACTION = _must(lambda v: 0 <= v < 1, "in [0, 1)")
+_SIDE = _must(lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8")
+_ALPHA = _must(lambda v: v > 0, "> 0", "alpha 0 scales the adapter to nothing, and WebUI would load a no-op")
+_EXTENSION = _must(lambda v: len(v) > 1 and v.startswith("."), "an extension starting with '.', like .txt")
+_FILE_STEM = _must(lambda v: v not in ("", ".", "..") and not set(v) & set("/\\"), "a file name without / or \\")
+
+FIELD_RULES: dict[str, FieldRule] = {
+    "model.clip_skip": _AT_LEAST_1,
+    "network.targets[]": _regex_error,
+    "network.exclude[]": _regex_error,
+    "network.rank": _AT_LEAST_1,
+    "network.alpha": _ALPHA,
+    "network.conv_rank": _AT_LEAST_1,
+    "network.conv_alpha": _ALPHA,
+    "network.rank_dropout": _FRACTION,
+    "network.module_dropout": _FRACTION,
+    "network.rank_pattern{}": _regex_error,
+    "network.rank_pattern[]": _AT_LEAST_1,
+    "network.alpha_pattern{}": _regex_error,
+    "network.alpha_pattern[]": _ALPHA,
+    "data.repeats": _AT_LEAST_1,
+    "data.caption_extension": _EXTENSION,
+    "data.keep_tokens": _NON_NEGATIVE,
+    "data.caption_separator": _must(bool, "a non-empty string"),
+    "data.caption_dropout": _FRACTION,
+    "data.tag_dropout": _FRACTION,
+    "data.resolution": _SIDE,
+    "data.bucket_min_side": _SIDE,
+    "data.bucket_max_side": _SIDE,
+    "data.bucket_step": _SIDE,
+    "data.reg_repeats": _AT_LEAST_1,
+    "data.prior_loss_weight": _NON_NEGATIVE,
+    "data.num_workers": _NON_NEGATIVE,
+    "data.validation_split": _FRACTION,
+    "train.max_steps": _AT_LEAST_1,
+    "train.epochs": _AT_LEAST_1,
+    "train.batch_size": _AT_LEAST_1,
+    "train.gradient_accumulation": _AT_LEAST_1,
+    "train.lr": _POSITIVE,
+    "train.unet_lr": _POSITIVE,
+    "train.text_encoder_lr": _POSITIVE,
+    "train.weight_decay": _NON_NEGATIVE,
+    "train.adam_beta1": _FRACTION,
+    "train.adam_beta2": _FRACTION,
+    "train.adam_eps": _POSITIVE,
+    "train.warmup_steps": _NON_NEGATIVE,
+    "train.max_grad_norm": _NON_NEGATIVE,
+    "train.seed": _NON_NEGATIVE,
+    "train.noise_offset": _NON_NEGATIVE,
+    "train.min_snr_gamma": _POSITIVE,
+    "train.save_every_steps": _AT_LEAST_1,
+    "train.keep_last_checkpoints": _AT_LEAST_1,
+    "train.validation_every_steps": _AT_LEAST_1,
+    "sample.prompts[].width": _SIDE,
+    "sample.prompts[].height": _SIDE,
+    "sample.prompts[].seed": _NON_NEGATIVE,
+    "sample.prompts[].steps": _AT_LEAST_1,
+    "sample.prompts[].guidance": _NON_NEGATIVE,
+    "sample.steps": _AT_LEAST_1,
+    "sample.guidance": _NON_NEGATIVE,
+    "sample.seed": _NON_NEGATIVE,
+    "sample.every_n_steps": _AT_LEAST_1,
+    "sample.every_n_epochs": _AT_LEAST_1,
+    "output.name": _FILE_STEM,
+    "output.save_adapter_every_steps": _AT_LEAST_1,
+}
+
+# ---------------------------------------------------------------------------------------------------------
+# Part 2: contradictions between values. A rule runs only when every section it reads passed part 1,
+# so one mistake is never reported twice.
+
+
+@dataclass(frozen=True)
+class _Rule:
+    key: str  # where the problem is reported
+    broken: Callable[..., bool]  # its parameter names are the sections it reads
+    message: str  # str.format()ed with those sections
+
+
+_NO_LATENT_CACHE = (
+    "latents are cached once per image, so the augmentation would be frozen; set data.cache_latents: none"
+)
+_CAPTIONS_CHANGE = (
+    "captions change every step, so their embeddings cannot be cached; set data.cache_text_embeddings: false"
+)
+
+RULES: tuple[_Rule, ...] = (
+    _Rule(
+        "train.max_steps",
+        lambda train: train.max_steps is None and train.epochs is None,
+        "give train.max_steps or train.epochs",
+    ),
+    _Rule(
+        "train.epochs",
+        lambda train: None not in (train.max_steps, train.epochs),
+        "give train.max_steps or train.epochs, not both",
+    ),
+    _Rule(
+        "train.warmup_steps",
+        lambda train: train.max_steps is not None and train.warmup_steps >= train.max_steps,
+        "must be < train.max_steps ({train.max_steps}), got {train.warmup_steps}",
+    ),
+    _Rule(
+        "train.warmup_steps",
+        lambda train: train.scheduler == "constant" and train.warmup_steps > 0,
+        "the constant scheduler has no warm-up; use train.scheduler: constant_with_warmup (or set warmup_steps: 0)",
+    ),
+    _Rule(
+        "network.train_unet",
+        lambda network: not (network.train_unet or network.train_text_encoder),
+        "nothing to train: set network.train_unet and/or network.train_text_encoder to true",
+    ),
+    _Rule(
+        "network.targets",
+        lambda network: network.preset == "none" and not network.targets,
+        "with network.preset: none, list at least one module regex in network.targets",
+    ),
+    _Rule("data.random_crop", lambda data: data.random_crop and data.cache_latents != "none", _NO_LATENT_CACHE),
+    _Rule("data.flip", lambda data: data.flip and data.cache_latents != "none", _NO_LATENT_CACHE),
+    _Rule(
+        "data.cache_text_embeddings",
+        lambda data: data.cache_text_embeddings and data.shuffle_captions,
+        f"data.shuffle_captions is true: {_CAPTIONS_CHANGE}",
+    ),
+    _Rule(
+        "data.cache_text_embeddings",
+        lambda data: data.cache_text_embeddings and data.tag_dropout > 0,
+        f"data.tag_dropout is {{data.tag_dropout}}: {_CAPTIONS_CHANGE}",
+    ),
+    _Rule(
+        "data.cache_text_embeddings",
+        lambda data, network: data.cache_text_embeddings and network.train_text_encoder,
+        "network.train_text_encoder is true, so its embeddings change every step; "
+        "set data.cache_text_embeddings: false",
+    ),
+    _Rule(
+        "data.bucket_min_side",
+        lambda data: data.bucketing and data.bucket_min_side > data.resolution,
+        "must be <= data.resolution ({data.resolution}) when bucketing, got {data.bucket_min_side}",
+    ),
+    _Rule(
+        "data.bucket_max_side",
+        lambda data: data.bucketing and data.bucket_max_side < data.resolution,
+        "must be >= data.resolution ({data.resolution}) when bucketing, got {data.bucket_max_side}",
+    ),
+    _Rule(
+        "data.bucket_min_side",
+        lambda data: data.bucketing and data.bucket_min_side % data.bucket_step != 0,
+        "must be a multiple of data.bucket_step ({data.bucket_step}), got {data.bucket_min_side}",
+    ),
+    _Rule(
+        "data.bucket_max_side",
+        lambda data: data.bucketing and data.bucket_max_side % data.bucket_step != 0,
+        "must be a multiple of data.bucket_step ({data.bucket_step}), got {data.bucket_max_side}",
+    ),
+    _Rule(
+        "data.validation_split",
+        lambda data: data.validation_path is not None and data.validation_split > 0,
+        "give data.validation_path or data.validation_split, not both",
+    ),
+    _Rule(
+        "train.validation_every_steps",
+        lambda data, train: (
+            train.validation_every_steps is not None and data.validation_path is None and data.validation_split == 0
+        ),
+        "needs a validation set: set data.validation_path or data.validation_split",
+    ),
+    _Rule(
+        "sample.prompts",
+        lambda sample: not sample.prompts and (sample.every_n_steps or sample.every_n_epochs) is not None,
+        "sample.every_n_steps/every_n_epochs is set but there are no prompts to sample",
+    ),
+    # With zero terminal SNR the last timestep is pure noise: an epsilon target there is the input itself
+    # and x0 = (x_t - sigma * eps) / 0 is undefined; the paper that introduced it requires v-prediction.
+    _Rule(
+        "model.zero_terminal_snr",
+        lambda model: model.zero_terminal_snr and model.prediction_type == "epsilon",
+        "needs model.prediction_type: v_prediction (with epsilon the last timestep predicts nothing)",
+    ),
+)
+
+
+def rule_problems(sections: Mapping[str, Any]) -> Iterator[ConfigProblem]:
+    for rule in RULES:
+        names = signature(rule.broken).parameters
+        if all(sections.get(name, INVALID) is not INVALID for name in names):
+            reads = {name: sections[name] for name in names}
+            if rule.broken(**reads):
+                yield ConfigProblem(rule.key, rule.message.format(**reads))
