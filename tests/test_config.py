@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import subprocess
@@ -30,7 +31,8 @@ from loha_train.config import (
     load_config,
     resolved_prompts,
 )
-from loha_train.config_check import schema_keys
+from loha_train.config_check import schema_keys, type_hints
+from loha_train.config_doc import END, START, field_comments, render_config_table, replace_table
 from loha_train.config_rules import FIELD_RULES, RULES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -566,8 +568,56 @@ def test_resolved_prompts_fill_in_sample_defaults() -> None:
 
 def test_config_modules_import_no_torch() -> None:
     code = (
-        "import sys, loha_train.config\n"
+        "import sys, loha_train.config, loha_train.config_doc\n"
         "heavy = {'torch', 'diffusers', 'transformers', 'accelerate', 'numpy'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_every_field_has_a_description() -> None:
+    classes = [Config] + [type_hints(Config)[f.name] for f in fields(Config)] + [SamplePrompt]
+    for cls in classes[1:]:
+        comments = field_comments(cls)
+        for f in fields(cls):
+            assert comments.get(f.name), f"{cls.__name__}.{f.name} has no `# description` comment"
+
+
+def test_config_table_lists_every_key() -> None:
+    table = render_config_table()
+    for key in schema_keys(Config):
+        if key in {f.name for f in fields(Config)}:
+            assert f"| **{key}** |" in table
+        else:
+            assert f"| `{key}` |" in table
+    assert "| `data.path` | str | **required** |" in table
+    assert "| `network.alpha` | float | `4.0` | scale = alpha / rank |" in table
+
+
+def _load_script() -> Any:
+    spec = importlib.util.spec_from_file_location("config_table", REPO / "scripts" / "config_table.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_config_table_script_checks_and_writes(tmp_path: Path) -> None:
+    script = _load_script()
+    readme = write(tmp_path, f"# Title\n\n{START}\nstale\n{END}\n\nafter\n", "README.md")
+    assert script.main(["--check", str(readme)]) == 1
+    assert script.main(["--write", str(readme)]) == 0
+    assert script.main(["--check", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# Title\n\n") and text.endswith(f"{END}\n\nafter\n")
+    assert replace_table(text, render_config_table()) == text
+    no_markers = write(tmp_path, "# nothing\n", "OTHER.md")
+    assert script.main(["--check", str(no_markers)]) == 1
+
+
+def test_readme_config_table_is_current() -> None:
+    readme = REPO / "README.md"
+    if not readme.exists() or START not in readme.read_text(encoding="utf-8"):
+        pytest.skip(f"README.md has no {START} marker yet")
+    text = readme.read_text(encoding="utf-8")
+    assert replace_table(text, render_config_table()) == text, "run: python scripts/config_table.py --write README.md"
