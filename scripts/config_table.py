@@ -22,10 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     if readme is None:
         print(table)
         return 0
-    text = readme.read_text(encoding="utf-8")
     try:
+        text = readme.read_text(encoding="utf-8")
         updated = replace_table(text, table)
-    except ValueError as err:
+    except (OSError, ValueError) as err:
         print(f"{readme}: {err}", file=sys.stderr)
         return 1
     if args.write:

@@ -613,6 +613,7 @@ def test_config_table_script_checks_and_writes(tmp_path: Path) -> None:
     assert replace_table(text, render_config_table()) == text
     no_markers = write(tmp_path, "# nothing\n", "OTHER.md")
     assert script.main(["--check", str(no_markers)]) == 1
+    assert script.main(["--check", str(tmp_path / "missing.md")]) == 1
 
 
 def test_readme_config_table_is_current() -> None:
