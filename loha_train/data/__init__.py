@@ -1,4 +1,14 @@
-"""Images and captions -> training batches: discovery, checks, buckets, sampling, captions and caches."""
+"""Images and captions -> training batches: discovery, checks, buckets, sampling, captions and caches.
+
+Typical use by the training recipe::
+
+    index = check_images(scan_dataset(cfg.data, seed), skip_bad=cfg.data.skip_bad_images).index
+    dataset = ImageDataset(index.train + index.reg, cfg.data, seed, latents=cache, text=text_cache)
+    cache.prepare(dataset.cache_entries(), encode=vae_encode)
+    sampler = BucketBatchSampler(dataset.items, dataset.buckets, batch_size, seed)
+    sampler.set_epoch(epoch, start_batch)  # exact resume
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+"""
 
 from loha_train.data.buckets import (
     Bucket,
@@ -9,27 +19,46 @@ from loha_train.data.buckets import (
     plan_crop,
     randomize_plan,
 )
+from loha_train.data.caches import (
+    CacheStats,
+    LatentCache,
+    TextEmbeddingCache,
+    default_cache_dir,
+    fixed_captions,
+)
 from loha_train.data.captions import caption_rng, captions_vary, process_caption
 from loha_train.data.check import CheckReport, check_images, read_image_size
 from loha_train.data.common import DataError, Problem, derive_rng
+from loha_train.data.dataset import ImageDataset, collate, plan_crops
+from loha_train.data.sampler import BucketBatchSampler, SampleRef
 from loha_train.data.scan import DatasetIndex, ImageItem, scan_dataset, split_validation
 
 __all__ = [
     "Bucket",
+    "BucketBatchSampler",
+    "CacheStats",
     "CheckReport",
     "CropPlan",
     "DataError",
     "DatasetIndex",
+    "ImageDataset",
     "ImageItem",
+    "LatentCache",
     "Problem",
+    "SampleRef",
+    "TextEmbeddingCache",
     "assign_bucket",
     "bucket_resolutions",
     "caption_rng",
     "captions_vary",
     "check_images",
+    "collate",
+    "default_cache_dir",
     "derive_rng",
+    "fixed_captions",
     "load_pixels",
     "plan_crop",
+    "plan_crops",
     "process_caption",
     "randomize_plan",
     "read_image_size",

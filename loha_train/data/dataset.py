@@ -1,0 +1,122 @@
+"""The map-style dataset the sampler indexes with SampleRefs, and the collate that builds training batches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from loha_train.config import DataConfig
+from loha_train.data.buckets import CropPlan, assign_bucket, bucket_resolutions, load_pixels, plan_crop, randomize_plan
+from loha_train.data.caches import LatentCache, TextEmbeddingCache
+from loha_train.data.captions import caption_rng, process_caption
+from loha_train.data.check import read_image_size
+from loha_train.data.common import DataError, derive_rng
+from loha_train.data.sampler import SampleRef
+from loha_train.data.scan import ImageItem
+
+
+def plan_crops(items: Sequence[ImageItem], cfg: DataConfig) -> tuple[CropPlan, ...]:
+    """Each item's bucket and center-crop plan (items need `size`, which check_images sets)."""
+    buckets = bucket_resolutions(cfg) if cfg.bucketing else ()
+    plans = []
+    for item in items:
+        size = item.size or read_image_size(item.path)
+        bucket = assign_bucket(size, cfg, buckets)
+        if bucket is None:
+            raise DataError(f"{item.path}: {size[0]}x{size[1]} is too small for any bucket; run check_images")
+        plans.append(plan_crop(size, bucket))
+    return tuple(plans)
+
+
+class ImageDataset(Dataset):
+    """Samples for SampleRefs: the step's caption, latents (cached) or pixels, and SDXL size conditioning.
+
+    `augment` True (training): captions go through `process_caption`, and random_crop/flip apply when
+    latents are not cached, all seeded by (seed, epoch, slot). `augment` False (validation): captions and
+    crops are used as they are. With `latents` the crop plan must be fixed (no random crop or flip).
+    """
+
+    def __init__(
+        self,
+        items: Sequence[ImageItem],
+        cfg: DataConfig,
+        seed: int,
+        *,
+        augment: bool = True,
+        latents: LatentCache | None = None,
+        text: TextEmbeddingCache | None = None,
+    ) -> None:
+        self.items = tuple(items)
+        self.cfg = cfg
+        self.seed = seed
+        self.augment = augment
+        self.latents = latents
+        self.text = text
+        self.plans = plan_crops(self.items, cfg)
+        if latents is not None and augment and (cfg.random_crop or cfg.flip):
+            raise DataError("data.random_crop and data.flip need data.cache_latents: none")
+
+    @property
+    def buckets(self) -> tuple[tuple[int, int], ...]:
+        """Each item's bucket (width, height), for BucketBatchSampler."""
+        return tuple(plan.target for plan in self.plans)
+
+    def cache_entries(self) -> list[tuple[ImageItem, CropPlan]]:
+        """(item, plan) pairs for LatentCache.prepare."""
+        return list(zip(self.items, self.plans, strict=True))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, ref: SampleRef) -> dict[str, Any]:
+        item, plan = self.items[ref.item], self.plans[ref.item]
+        caption = item.caption
+        if self.augment:
+            caption = process_caption(caption, self.cfg, caption_rng(self.seed, ref.epoch, ref.slot))
+            if self.cfg.random_crop or self.cfg.flip:
+                rng = derive_rng(self.seed, "crop", ref.epoch, ref.slot)
+                plan = randomize_plan(plan, self.cfg.random_crop, self.cfg.flip, rng)
+        sample: dict[str, Any] = {
+            "key": item.key,
+            "caption": caption,
+            "is_reg": item.is_reg,
+            "loss_weight": self.cfg.prior_loss_weight if item.is_reg else 1.0,
+            "original_size": (plan.original[1], plan.original[0]),
+            "crop_top_left": plan.crop_top_left,
+            "target_size": (plan.target[1], plan.target[0]),
+        }
+        if self.latents is not None:
+            sample["latents"] = self.latents.get(item, plan)
+        else:
+            sample["pixels"] = load_pixels(item.path, plan)
+        if self.text is not None:
+            sample["text_embeddings"] = self.text.get(caption)
+        return sample
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack samples into a batch.
+
+    Returns `latents` (B, C, h, w) or `pixels` (B, 3, H, W) in [-1, 1]; `captions` (list of B str);
+    `keys` (list of B item keys); `is_reg` (B,) bool; `loss_weight` (B,) float32; `original_size`,
+    `crop_top_left`, `target_size` (B, 2) int64 in SDXL's (height, width) / (top, left) order; and
+    `text_embeddings` (dict of stacked tensors) when a text cache is used.
+    """
+    batch: dict[str, Any] = {
+        "keys": [s["key"] for s in samples],
+        "captions": [s["caption"] for s in samples],
+        "is_reg": torch.tensor([s["is_reg"] for s in samples], dtype=torch.bool),
+        "loss_weight": torch.tensor([s["loss_weight"] for s in samples], dtype=torch.float32),
+    }
+    for name in ("original_size", "crop_top_left", "target_size"):
+        batch[name] = torch.tensor([s[name] for s in samples], dtype=torch.int64)
+    for name in ("latents", "pixels"):
+        if name in samples[0]:
+            batch[name] = torch.stack([s[name] for s in samples])
+    if "text_embeddings" in samples[0]:
+        names = samples[0]["text_embeddings"]
+        batch["text_embeddings"] = {n: torch.stack([s["text_embeddings"][n] for s in samples]) for n in names}
+    return batch
