@@ -1,7 +1,8 @@
-"""Latent and text-embedding caches: reuse, invalidation, atomic files."""
+"""Latent and text-embedding caches (reuse, invalidation, atomic files) and the provenance helpers."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,11 +19,14 @@ from loha_train.data import (
     ImageDataset,
     LatentCache,
     TextEmbeddingCache,
+    bucket_info,
     check_images,
     collate,
+    dataset_fingerprint,
     fixed_captions,
     load_pixels,
     scan_dataset,
+    tag_frequencies,
 )
 
 SIZES = [(64, 64), (96, 48), (64, 64), (48, 96), (96, 48)]
@@ -178,3 +182,49 @@ def test_text_cache_refuses_varying_captions(data_dir):
         fixed_captions(index.train, cfg)
     with pytest.raises(DataError, match="not in the text-embedding cache"):
         TextEmbeddingCache("clip").get("anything")
+
+
+# --- provenance ---------------------------------------------------------------------------------------
+
+
+def test_fingerprint_tracks_content_captions_and_repeats(data_dir):
+    def fingerprint(**overrides) -> dict:
+        return dataset_fingerprint(check_images(scan_dataset(data_cfg(data_dir, **overrides)), skip_bad=False).index)
+
+    base = fingerprint()
+    assert base["images"] == len(SIZES) and base["repeats"] == len(SIZES) and len(base["sha256"]) == 64
+    assert fingerprint() == base
+    assert fingerprint(repeats=2)["sha256"] != base["sha256"]
+    (data_dir / "1.txt").write_text("other caption")
+    changed_caption = fingerprint()
+    assert changed_caption["sha256"] != base["sha256"]
+    make_image(data_dir / "2.png", SIZES[2], color=(9, 9, 9))
+    assert fingerprint()["sha256"] != changed_caption["sha256"]
+    json.dumps(base)
+
+
+def test_tag_frequency_in_kohya_shape(tmp_path):
+    make_image(tmp_path / "3_a" / "x.png", (64, 64))
+    (tmp_path / "3_a" / "x.txt").write_text("red, blue")
+    make_image(tmp_path / "3_a" / "y.png", (64, 64))
+    (tmp_path / "3_a" / "y.txt").write_text("red,  green ,")
+    make_image(tmp_path / "1_b" / "z.png", (64, 64))
+    index = scan_dataset(data_cfg(tmp_path, trigger_word="sks"))
+    assert tag_frequencies(index) == {
+        "1_b": {"b": 1, "sks": 1},
+        "3_a": {"blue": 1, "green": 1, "red": 2, "sks": 2},
+    }
+
+
+def test_bucket_info_in_kohya_shape(data_dir, tmp_path):
+    make_image(tmp_path / "reg" / "r.png", (64, 64))
+    cfg = data_cfg(data_dir, repeats=3, reg_path=str(tmp_path / "reg"))
+    index = check_images(scan_dataset(cfg), skip_bad=False).index
+    info = bucket_info(index)
+    resolutions = [b["resolution"] for b in info["buckets"].values()]
+    assert list(info["buckets"]) == list(range(len(resolutions))) and resolutions == sorted(resolutions)
+    dataset = ImageDataset(index.train + index.reg, cfg, seed=0)
+    sampler = BucketBatchSampler(dataset.items, dataset.buckets, batch_size=1, seed=0)
+    assert sum(b["count"] for b in info["buckets"].values()) == sampler.samples_per_epoch == 2 * 3 * len(SIZES)
+    assert info["mean_img_ar_error"] >= 0
+    json.loads(json.dumps(info))

@@ -32,6 +32,7 @@ from loha_train.data.common import DataError, Problem, derive_rng
 from loha_train.data.dataset import ImageDataset, collate, plan_crops
 from loha_train.data.sampler import BucketBatchSampler, SampleRef
 from loha_train.data.scan import DatasetIndex, ImageItem, scan_dataset, split_validation
+from loha_train.data.stats import bucket_info, dataset_fingerprint, tag_frequencies
 
 __all__ = [
     "Bucket",
@@ -48,11 +49,13 @@ __all__ = [
     "SampleRef",
     "TextEmbeddingCache",
     "assign_bucket",
+    "bucket_info",
     "bucket_resolutions",
     "caption_rng",
     "captions_vary",
     "check_images",
     "collate",
+    "dataset_fingerprint",
     "default_cache_dir",
     "derive_rng",
     "fixed_captions",
@@ -64,4 +67,5 @@ __all__ = [
     "read_image_size",
     "scan_dataset",
     "split_validation",
+    "tag_frequencies",
 ]
