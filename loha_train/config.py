@@ -50,11 +50,12 @@ Scheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cos
 class ModelConfig:
     """`model:` which base model to train against."""
 
-    path: str  # diffusers folder, single-file .safetensors/.ckpt, or builtin:tiny-sd / builtin:tiny-sdxl
+    path: str  # diffusers folder, single-file .safetensors/.ckpt, or builtin:tiny-sd (see README)
     family: Literal["auto", "sd1", "sd2", "sdxl"] = "auto"  # detected from the files; set it only to assert
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"  # auto: read from scheduler config
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # precision of the frozen weights
     vae_path: str | None = None  # optional separate VAE (diffusers folder or single file)
+    tokenizer_path: str | None = None  # tokenizer folder (or diffusers model folder) for single-file checkpoints
     clip_skip: int = 1  # use the output of the N-th last text-encoder layer (2 for anime models)
     zero_terminal_snr: bool = False  # rescale the noise schedule to zero terminal SNR (use with v_prediction)
 
@@ -114,7 +115,7 @@ class DataConfig:
     reg_repeats: int = 1  # repeats for regularization images
     prior_loss_weight: float = 1.0  # loss weight of regularization images
     cache_latents: Literal["memory", "disk", "none"] = "disk"  # disk caches live in <data>/.loha-cache
-    cache_text_embeddings: bool = True  # when the text encoder is frozen and captions are fixed
+    cache_text_embeddings: bool = True  # cache text-encoder outputs when possible (frozen encoder, fixed captions)
     num_workers: int = 0  # dataloader workers
     validation_path: str | None = None  # held-out images for a validation loss
     validation_split: float = 0.0  # or hold out this fraction of the training images
@@ -241,6 +242,7 @@ BUILTIN_PREFIX = "builtin:"
 _INPUT_PATHS = (
     "model.path",
     "model.vae_path",
+    "model.tokenizer_path",
     "network.init_from",
     "data.path",
     "data.reg_path",

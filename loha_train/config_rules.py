@@ -114,9 +114,6 @@ class _Rule:
 _NO_LATENT_CACHE = (
     "latents are cached once per image, so the augmentation would be frozen; set data.cache_latents: none"
 )
-_CAPTIONS_CHANGE = (
-    "captions change every step, so their embeddings cannot be cached; set data.cache_text_embeddings: false"
-)
 
 RULES: tuple[_Rule, ...] = (
     _Rule(
@@ -152,20 +149,10 @@ RULES: tuple[_Rule, ...] = (
     _Rule("data.random_crop", lambda data: data.random_crop and data.cache_latents != "none", _NO_LATENT_CACHE),
     _Rule("data.flip", lambda data: data.flip and data.cache_latents != "none", _NO_LATENT_CACHE),
     _Rule(
-        "data.cache_text_embeddings",
-        lambda data: data.cache_text_embeddings and data.shuffle_captions,
-        f"data.shuffle_captions is true: {_CAPTIONS_CHANGE}",
-    ),
-    _Rule(
-        "data.cache_text_embeddings",
-        lambda data: data.cache_text_embeddings and data.tag_dropout > 0,
-        f"data.tag_dropout is {{data.tag_dropout}}: {_CAPTIONS_CHANGE}",
-    ),
-    _Rule(
-        "data.cache_text_embeddings",
-        lambda data, network: data.cache_text_embeddings and network.train_text_encoder,
-        "network.train_text_encoder is true, so its embeddings change every step; "
-        "set data.cache_text_embeddings: false",
+        "model.dtype",
+        lambda model, train: model.dtype != "fp32" and train.mixed_precision != model.dtype,
+        "{model.dtype} frozen weights need train.mixed_precision: {model.dtype} (autocast), got "
+        "{train.mixed_precision}",
     ),
     _Rule(
         "data.bucket_min_side",
