@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import math
@@ -171,9 +172,10 @@ def test_regularization_images_skip_trigger_and_default(tmp_path):
 def test_validation_path_and_seeded_split(tmp_path):
     for n in range(10):
         make_image(tmp_path / "train" / f"{n:02d}.png")
-    make_image(tmp_path / "val" / "v.png")
+    make_image(tmp_path / "val" / "5_x" / "v.png")
     index = scan_dataset(data_cfg(tmp_path / "train", validation_path=str(tmp_path / "val"), repeats=2))
-    assert keys(index.validation) == ["validation/v.png"] and len(index.train) == 10
+    assert keys(index.validation) == ["validation/5_x/v.png"] and len(index.train) == 10
+    assert index.validation[0].repeats == 1
 
     cfg = data_cfg(tmp_path / "train", validation_split=0.3, repeats=2)
     first, again, other = scan_dataset(cfg, seed=1), scan_dataset(cfg, seed=1), scan_dataset(cfg, seed=2)
@@ -424,3 +426,13 @@ def test_transparent_pixels_become_white(tmp_path):
     make_image(tmp_path / "clear.png", size=(32, 32), color=(0, 0, 0, 0), mode="RGBA")
     pixels = load_pixels(tmp_path / "clear.png", plan_crop((32, 32), (32, 32)))
     assert pixels.eq(1).all()
+
+
+def test_data_package_does_not_import_model_libraries():
+    package = Path(__file__).parents[1] / "loha_train" / "data"
+    for source in package.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert name.split(".")[0] not in {"diffusers", "transformers", "accelerate"}, (source, name)

@@ -230,3 +230,17 @@ def test_validation_dataset_is_not_augmented(dataset_dir):
         c for batch in DataLoader(dataset, batch_sampler=sampler, collate_fn=collate) for c in batch["captions"]
     ]
     assert sorted(captions) == sorted(item.caption for item in index.validation)
+
+
+def test_workers_give_the_same_batches_as_the_main_process(dataset_dir):
+    cfg = data_cfg(dataset_dir / "train", shuffle_captions=True, flip=True, cache_latents="none")
+    index = check_images(scan_dataset(cfg), skip_bad=False).index
+    dataset = ImageDataset(index.train, cfg, seed=4)
+    sampler = BucketBatchSampler(dataset.items, dataset.buckets, batch_size=3, seed=4)
+
+    def run(workers: int) -> list:
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers)
+        return [(b["captions"], b["pixels"]) for b in loader]
+
+    for (captions_a, pixels_a), (captions_b, pixels_b) in zip(run(0), run(2), strict=True):
+        assert captions_a == captions_b and torch.equal(pixels_a, pixels_b)

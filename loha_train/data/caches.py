@@ -213,7 +213,9 @@ def fixed_captions(items: Iterable[ImageItem], cfg: DataConfig) -> list[str]:
 class TextEmbeddingCache:
     """Text-encoder outputs per exact caption string, for a frozen text encoder and fixed captions.
 
-    The key hashes the encoder identity string the caller passes, clip_skip and the caption. Memory by
+    The key hashes the identity string the caller passes (which must cover the text encoder(s), the
+    tokenizer(s) and anything else that changes the output, such as the max length), clip_skip and the
+    exact caption. Memory by
     default; `mode="disk"` keeps them across runs under `cache_dir`.
     """
 

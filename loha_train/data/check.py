@@ -105,7 +105,7 @@ def _check_one(item: ImageItem, cfg: DataConfig, buckets: tuple[Bucket, ...]) ->
     try:
         with Image.open(io.BytesIO(data)) as image:
             size = image_size(image)
-            if image.format == "JPEG":
+            if image.format in ("JPEG", "MPO"):
                 image.draft("RGB", (max(1, image.size[0] // 8), max(1, image.size[1] // 8)))
             image.load()
     except UnidentifiedImageError:

@@ -31,9 +31,7 @@ class Problem:
 
 def _as_int(part: int | str) -> int:
     if isinstance(part, int):
-        if part < 0:
-            raise ValueError(f"RNG seed parts must be non-negative, got {part}")
-        return part
+        return part & 0xFFFF_FFFF_FFFF_FFFF if part < 0 else part  # SeedSequence takes no negatives
     return int.from_bytes(hashlib.blake2b(part.encode(), digest_size=8).digest(), "little")
 
 

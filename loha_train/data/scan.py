@@ -98,6 +98,7 @@ def scan_dataset(cfg: DataConfig, seed: int = 0) -> DatasetIndex:
     train_items: tuple[ImageItem, ...] = tuple(train.items)
     if cfg.validation_path:
         validation = _scan_role(Path(cfg.validation_path), "validation", 1, train_policy, "data.validation_path")
+        validation.items = [replace(item, repeats=1) for item in validation.items]  # N_name counts not
     elif cfg.validation_split > 0:
         train_items, held_out = split_validation(train_items, cfg.validation_split, seed)
         validation.items = list(held_out)
