@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -28,3 +31,20 @@ def tiny_unet() -> UNet2DConditionModel:
 @pytest.fixture
 def tiny_text_encoder() -> CLIPTextModel:
     return make_tiny_text_encoder()
+
+
+@pytest.fixture(scope="session")
+def builtin_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """$LOHA_TRAIN_CACHE for the session: built-ins are built once, here, never into ~/.cache."""
+    path = tmp_path_factory.mktemp("loha-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LOHA_TRAIN_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(builtin_cache: Path) -> Path:
+    """builtin:tiny-sd as a diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+    from loha_train.builtin import resolve_builtin
+
+    return resolve_builtin("builtin:tiny-sd")
