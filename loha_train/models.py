@@ -114,6 +114,8 @@ def _detect_folder(root: Path) -> ModelInfo:
             f"{root}: UNet with {unet['in_channels']} input channels (inpainting or edit model); "
             "expected a text-to-image model with 4 latent input channels"
         )
+    if (index.get("text_encoder") or [None])[0] is None:
+        raise ModelError(f"{root}: no text_encoder (an SDXL refiner?); expected {expected}")
     if "text_encoder_2" in index or unet.get("addition_embed_type") == "text_time":
         family, why = "sdxl", "model_index.json: text_encoder_2 / unet addition_embed_type=text_time"
     elif unet.get("cross_attention_dim") == 768:
@@ -241,11 +243,12 @@ def model_hash(path: str | Path) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def load_models(cfg: ModelConfig, *, dtype: torch.dtype | None = None) -> ModelBundle:
+def load_models(cfg: ModelConfig, *, dtype: torch.dtype | None = None, with_tokenizers: bool = True) -> ModelBundle:
     """Load the base model named by `cfg` (diffusers folder, LDM single file, or builtin:NAME), frozen, in eval().
 
     `dtype` overrides `cfg.dtype`. `cfg.vae_path` replaces the VAE. A single file holds no tokenizer: it comes
-    from `cfg.tokenizer_path` (which, when set, also replaces a diffusers folder's tokenizers).
+    from `cfg.tokenizer_path` (which, when set, also replaces a diffusers folder's tokenizers). Callers that
+    never tokenize (merge, inspect) pass `with_tokenizers=False` and get `tokenizers == []`.
     """
     info = detect_model(cfg.path)
     if cfg.family != "auto" and cfg.family != info.family:
@@ -265,17 +268,17 @@ def load_models(cfg: ModelConfig, *, dtype: torch.dtype | None = None) -> ModelB
         tokenizer_root = _resolve(tokenizer_path) if tokenizer_path else info.path
     else:
         unet, vae, encoders, scheduler_config = _load_single_file(info, dtype, need_vae=cfg.vae_path is None)
-        if not tokenizer_path:
+        if not tokenizer_path and with_tokenizers:
             raise ModelError(
                 f"{info.path}: a single-file checkpoint holds no tokenizer; set model.tokenizer_path to a "
                 f"tokenizer folder (vocab.json + merges.txt) or to a diffusers {info.family} model folder"
                 + (" with tokenizer/ and tokenizer_2/" if info.family == "sdxl" else "")
             )
-        tokenizer_root = _resolve(tokenizer_path)
+        tokenizer_root = _resolve(tokenizer_path) if tokenizer_path else info.path
     if cfg.vae_path:
         vae = _load_vae(cfg.vae_path, dict(vae.config) if vae is not None else REFERENCE[info.family]["vae"], dtype)
-    tokenizers = _load_tokenizers(tokenizer_root, info.family)
-    for tokenizer, encoder in zip(tokenizers, encoders, strict=True):
+    tokenizers = _load_tokenizers(tokenizer_root, info.family) if with_tokenizers else []
+    for tokenizer, encoder in zip(tokenizers, encoders, strict=False):
         if len(tokenizer) > encoder.config.vocab_size:
             raise ModelError(
                 f"{tokenizer_root}: tokenizer has {len(tokenizer)} tokens but the text encoder of {info.path} "

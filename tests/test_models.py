@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import pickle
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from loha_train import convert, hashing, models
 from loha_train.builtin import resolve_builtin
+from loha_train.clip_bpe import train_clip_bpe, write_clip_tokenizer
 from loha_train.config import ModelConfig
 from loha_train.models import ModelBundle, ModelError, detect_model, load_models, model_hash, save_single_file
 
@@ -76,6 +78,7 @@ STEM = {f"{UNET}input_blocks.0.0.weight": (8, 4, 3, 3)}
 SD1_TE = "cond_stage_model.transformer.text_model."
 XL_TE1, XL_TE2 = "conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.1.model."
 V_META = {"loha_train.prediction_type": "v_prediction"}
+UNET_ENTRY = {"unet": ["diffusers", "UNet2DConditionModel"]}
 
 
 # ------------------------------------------------------------------------------------------- diffusers folders
@@ -293,6 +296,15 @@ def test_single_file_needs_a_tokenizer(bundles: dict[str, ModelBundle], tmp_path
         load_models(ModelConfig(path=str(path)))
     with pytest.raises(ModelError, match="expected a CLIP tokenizer"):
         load_models(Cfg(path=str(path), tokenizer_path=str(tmp_path)))
+    assert load_models(ModelConfig(path=str(path)), with_tokenizers=False).tokenizers == []  # merge, inspect
+
+
+def test_tokenizer_must_fit_the_text_encoder(tiny_sd_dir: Path, tmp_path: Path) -> None:
+    words = ["".join(letters) for letters in itertools.product("abcdefghij", repeat=3)]
+    vocab, merges = train_clip_bpe([" ".join(words)], vocab_size=1200)
+    write_clip_tokenizer(tmp_path / "big", vocab, merges)
+    with pytest.raises(ModelError, match=r"big: tokenizer has 1200 tokens but the text encoder .* embeds 1000"):
+        load_models(Cfg(path=str(tiny_sd_dir), tokenizer_path=str(tmp_path / "big")))
 
 
 def _folder(tmp_path: Path, index: dict[str, Any] | None, unet: dict[str, Any] | None = None) -> Path:
@@ -323,8 +335,10 @@ def _truncated(tmp_path: Path) -> Path:
         (lambda t: _folder(t, None), "not a diffusers model folder: no model_index.json"),
         (lambda t: _folder(t, {"_class_name": "FluxPipeline", "transformer": ["diffusers", "FluxTransformer2DModel"]}),
          "unsupported architecture 'FluxPipeline'"),
-        (lambda t: _folder(t, {"unet": ["diffusers", "UNet2DConditionModel"]}, {"in_channels": 9}), "9 input channels"),
-        (lambda t: _folder(t, {"unet": ["diffusers", "UNet2DConditionModel"]}), r"missing config\.json"),
+        (lambda t: _folder(t, UNET_ENTRY, {"in_channels": 9}), "9 input channels"),
+        (lambda t: _folder(t, UNET_ENTRY), r"missing config\.json"),
+        (lambda t: _folder(t, {**UNET_ENTRY, "text_encoder": [None, None], "text_encoder_2": ["x", "X"]}, {}),
+         "no text_encoder"),
         (_truncated, "truncated or corrupt"),
         (_junk, "truncated or corrupt"),
         (lambda t: write_header_file(t / "lora.safetensors", {"lora_unet_x.hada_w1_a": (4, 2)}), "is it a LoRA"),
