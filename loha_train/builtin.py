@@ -1,15 +1,14 @@
-"""Built-in demo assets (tiny SD-architecture models, a shapes data set), built locally on first use.
+"""Built-in demo assets (tiny SD-architecture models, a shapes data set), built locally on first use."""
 
-`resolve_builtin("builtin:NAME")` returns a folder under the cache dir (`$LOHA_TRAIN_CACHE`, default
-`~/.cache/loha-train`), building it the first time: into a temporary folder, then renamed into place, so a crash
-or a concurrent build never leaves a half-written folder behind. The models are ordinary diffusers folders
-(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) and load through the same code as a user's.
-
-Weights are random but deterministic: every tensor is drawn from one seeded `torch.Generator` in module order,
-so two machines build bit-identical models. The tokenizer is a real CLIP-style byte-level BPE learned by
-`clip_bpe` from the fixed corpus below (it covers the demo captions; other words split into subwords) and
-written as vocab.json + merges.txt like the SD repos' tokenizer folders.
-"""
+# `resolve_builtin("builtin:NAME")` returns a folder under the cache dir (`$LOHA_TRAIN_CACHE`, default
+# `~/.cache/loha-train`), building it the first time: into a temporary folder, then renamed into place, so a crash
+# or a concurrent build never leaves a half-written folder behind. The models are ordinary diffusers folders
+# (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) and load through the same code as a user's.
+#
+# Weights are random but deterministic: every tensor is drawn from one seeded `torch.Generator` in module order,
+# so two machines build bit-identical models. The tokenizer is a real CLIP-style byte-level BPE learned by
+# `clip_bpe` from the fixed corpus below (it covers the demo captions; other words split into subwords) and
+# written as vocab.json + merges.txt like the SD repos' tokenizer folders.
 
 from __future__ import annotations
 

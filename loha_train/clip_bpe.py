@@ -1,12 +1,11 @@
-"""A CLIP-style byte-level BPE tokenizer learned from a small corpus, saved as the SD repos' tokenizer folders.
+"""A CLIP-style byte-level BPE tokenizer learned from a small corpus, saved as the SD repos' tokenizer folders."""
 
-CLIP's scheme: NFC, whitespace runs -> one space, lowercase, CLIP's word regex, bytes mapped to printable
-characters (GPT-2's table), `</w>` appended to each word's last symbol, `<|startoftext|>`/`<|endoftext|>`.
-The learner is a few lines of greedy BPE (ties broken lexicographically), so its output depends on nothing but
-the corpus: no library version can change the vocabulary. The vocabulary keeps CLIP's layout (256 byte
-symbols, the same with `</w>`, the merges, then the two specials), so `CLIPTokenizer.from_pretrained` reads
-the folder exactly as it reads openai/clip-vit-large-patch14's.
-"""
+# CLIP's scheme: NFC, whitespace runs -> one space, lowercase, CLIP's word regex, bytes mapped to printable
+# characters (GPT-2's table), `</w>` appended to each word's last symbol, `<|startoftext|>`/`<|endoftext|>`.
+# The learner is a few lines of greedy BPE (ties broken lexicographically), so its output depends on nothing but
+# the corpus: no library version can change the vocabulary. The vocabulary keeps CLIP's layout (256 byte
+# symbols, the same with `</w>`, the merges, then the two specials), so `CLIPTokenizer.from_pretrained` reads
+# the folder exactly as it reads openai/clip-vit-large-patch14's.
 
 from __future__ import annotations
 

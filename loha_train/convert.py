@@ -1,11 +1,10 @@
-"""Key mapping between diffusers/transformers state dicts and the original (LDM/SGM) single-file layout.
+"""The original (LDM/SGM) single-file layout: key maps to and from diffusers, the writer, models built from it."""
 
-diffusers reads single files but ships no writer, so `*_to_ldm` are ours: they follow the module structure given
-by the config (any block count, layers per block and transformer depth), so SD 1.x, SD 2.x and SDXL share one
-code path. Reading back (`*_from_ldm`) deliberately uses diffusers' own converters, the ones `from_single_file`
-uses, so our writer is always checked against an independent reader rather than against its own inverse.
-Every tensor must map: an unknown key is an error, never silently dropped.
-"""
+# diffusers reads single files but ships no writer, so `*_to_ldm` are ours: they follow the module structure given
+# by the config (any block count, layers per block and transformer depth), so SD 1.x, SD 2.x and SDXL share one
+# code path. Reading back (`*_from_ldm`) deliberately uses diffusers' own converters, the ones `from_single_file`
+# uses, so our writer is always checked against an independent reader rather than against its own inverse.
+# Every tensor must map: an unknown key is an error, never silently dropped.
 
 from __future__ import annotations
 

@@ -1,9 +1,8 @@
-"""Diffusers/transformers configs of the real SD 1.5, SD 2.1 and SDXL base architectures, for single files.
+"""Diffusers/transformers configs of the real SD 1.5, SD 2.1 and SDXL base architectures, for single files."""
 
-A single-file checkpoint holds weights but no configs, and diffusers would fetch them from the Hub; these are
-the public repos' config.json values (stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1,
-stabilityai/stable-diffusion-xl-base-1.0), written out so loading works offline. Plain dicts, no torch.
-"""
+# A single-file checkpoint holds weights but no configs, and diffusers would fetch them from the Hub; these are
+# the public repos' config.json values (stable-diffusion-v1-5, stabilityai/stable-diffusion-2-1,
+# stabilityai/stable-diffusion-xl-base-1.0), written out so loading works offline. Plain dicts, no torch.
 
 from __future__ import annotations
 
