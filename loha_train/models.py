@@ -262,7 +262,7 @@ def load_models(cfg: ModelConfig, *, dtype: torch.dtype | None = None, with_toke
             "(512-base models); set model.prediction_type to v_prediction or epsilon"
         )
     dtype = dtype or DTYPES[cfg.dtype]
-    tokenizer_path = getattr(cfg, "tokenizer_path", None)  # a ModelConfig field once config.py has it
+    tokenizer_path = cfg.tokenizer_path
     if info.kind == "diffusers":
         unet, vae, encoders, scheduler_config = _load_folder(info.path, info.family, dtype)
         tokenizer_root = _resolve(tokenizer_path) if tokenizer_path else info.path

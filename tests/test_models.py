@@ -26,13 +26,6 @@ from loha_train.models import ModelBundle, ModelError, detect_model, load_models
 TINY = ("tiny-sd", "tiny-sd-v", "tiny-sdxl")
 
 
-@dataclasses.dataclass(frozen=True)
-class Cfg(ModelConfig):
-    """ModelConfig plus the key load_models reads for single files (until config.py declares it)."""
-
-    tokenizer_path: str | None = None
-
-
 def _components(bundle: ModelBundle) -> dict[str, torch.nn.Module]:
     return {"unet": bundle.unet, "vae": bundle.vae} | {f"te{i}": m for i, m in enumerate(bundle.text_encoders)}
 
@@ -137,7 +130,7 @@ def test_single_file_round_trip(bundles: dict[str, ModelBundle], name: str, tmp_
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # written atomically, no temp file left
     info = detect_model(path)
     assert (info.kind, info.family, info.prediction_type) == ("single_file", bundle.family, bundle.prediction_type)
-    loaded = load_models(Cfg(path=str(path), tokenizer_path=f"builtin:{name}"))
+    loaded = load_models(ModelConfig(path=str(path), tokenizer_path=f"builtin:{name}"))
     assert (loaded.kind, loaded.family, loaded.prediction_type) == (
         "single_file",
         bundle.family,
@@ -172,7 +165,7 @@ def test_fp16_single_file_and_ckpt(
     half = save_single_file(bundle, tmp_path / "half.safetensors", dtype=torch.float16)
     tensors = load_file(half)
     assert {t.dtype for k, t in tensors.items() if not k.endswith("position_ids")} == {torch.float16}
-    assert load_models(Cfg(path=str(half), tokenizer_path="builtin:tiny-sd")).unet.dtype == torch.float32
+    assert load_models(ModelConfig(path=str(half), tokenizer_path="builtin:tiny-sd")).unet.dtype == torch.float32
 
     # A .ckpt has no metadata: its architecture is the family's reference config, here made tiny.
     configs = json.loads(safe_open(str(half), "pt").metadata()[convert.METADATA_CONFIGS])
@@ -181,7 +174,8 @@ def test_fp16_single_file_and_ckpt(
     torch.save({"state_dict": full, "global_step": 10}, tmp_path / "model.ckpt")
     info = detect_model(tmp_path / "model.ckpt")
     assert (info.kind, info.family, info.prediction_type) == ("single_file", "sd1", "epsilon")
-    assert_same_weights(bundle, load_models(Cfg(path=str(tmp_path / "model.ckpt"), tokenizer_path="builtin:tiny-sd")))
+    ckpt = load_models(ModelConfig(path=str(tmp_path / "model.ckpt"), tokenizer_path="builtin:tiny-sd"))
+    assert_same_weights(bundle, ckpt)
 
 
 @dataclasses.dataclass
@@ -287,7 +281,7 @@ def test_detects_family_from_header_keys(
 def test_sd2_single_file_needs_a_prediction_type(tmp_path: Path) -> None:
     path = write_header_file(tmp_path / "sd2.safetensors", STEM | {"cond_stage_model.model.ln_final.weight": (4,)})
     with pytest.raises(ModelError, match=r"sd2\.safetensors.*set model\.prediction_type"):
-        load_models(Cfg(path=str(path), tokenizer_path="builtin:tiny-sd"))
+        load_models(ModelConfig(path=str(path), tokenizer_path="builtin:tiny-sd"))
 
 
 def test_single_file_needs_a_tokenizer(bundles: dict[str, ModelBundle], tmp_path: Path) -> None:
@@ -295,7 +289,7 @@ def test_single_file_needs_a_tokenizer(bundles: dict[str, ModelBundle], tmp_path
     with pytest.raises(ModelError, match=r"m\.safetensors.*holds no tokenizer.*tokenizer_path"):
         load_models(ModelConfig(path=str(path)))
     with pytest.raises(ModelError, match="expected a CLIP tokenizer"):
-        load_models(Cfg(path=str(path), tokenizer_path=str(tmp_path)))
+        load_models(ModelConfig(path=str(path), tokenizer_path=str(tmp_path)))
     assert load_models(ModelConfig(path=str(path)), with_tokenizers=False).tokenizers == []  # merge, inspect
 
 
@@ -304,7 +298,7 @@ def test_tokenizer_must_fit_the_text_encoder(tiny_sd_dir: Path, tmp_path: Path) 
     vocab, merges = train_clip_bpe([" ".join(words)], vocab_size=1200)
     write_clip_tokenizer(tmp_path / "big", vocab, merges)
     with pytest.raises(ModelError, match=r"big: tokenizer has 1200 tokens but the text encoder .* embeds 1000"):
-        load_models(Cfg(path=str(tiny_sd_dir), tokenizer_path=str(tmp_path / "big")))
+        load_models(ModelConfig(path=str(tiny_sd_dir), tokenizer_path=str(tmp_path / "big")))
 
 
 def _folder(tmp_path: Path, index: dict[str, Any] | None, unet: dict[str, Any] | None = None) -> Path:
@@ -365,7 +359,7 @@ def test_wrong_architecture_single_file_is_a_model_error(bundles: dict[str, Mode
     tensors = load_file(path)  # drop our metadata: the reference SD 1.5 architecture does not fit tiny weights
     save_file(tensors, path)
     with pytest.raises(ModelError, match=r"m\.safetensors: the UNet weights do not fit.*reference sd1 architecture"):
-        load_models(Cfg(path=str(path), tokenizer_path="builtin:tiny-sd"))
+        load_models(ModelConfig(path=str(path), tokenizer_path="builtin:tiny-sd"))
 
 
 # ------------------------------------------------------------------------------------------------- hashing
