@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -286,6 +287,58 @@ def inject_loha(components: list[Component], cfg: NetworkConfig, *, seed: int | 
             _set_submodule(cand.component.module, cand.path, wrapped)
             if cand.key in network.modules:
                 raise InjectError(f"Two modules map to the same key {cand.key!r}: {cand.qualname}")
+            network.modules[cand.key] = wrapped
+            network.qualnames[cand.key] = cand.qualname
+            network.components[cand.key] = cand.component.name
+    finally:
+        if seed is not None:
+            torch.random.set_rng_state(rng_state)
+    return network
+
+
+@dataclass(frozen=True)
+class ExplicitTarget:
+    """One module to wrap exactly as given, e.g. as a LoHa file names it, independent of presets and patterns."""
+
+    key: str  # kohya key stem, e.g. lora_unet_down_blocks_0_attentions_0_proj_in
+    rank: int
+    alpha: float
+    use_cp: bool = False  # CP form for a k x k conv (ignored for linears and 1x1 convs)
+
+
+def module_keys(components: list[Component]) -> dict[str, tuple[str, nn.Module]]:
+    """Key stem -> (qualified name, module) of every Linear / Conv2d of `components` that a LoHa can wrap."""
+    return {c.key: (c.qualname, c.module) for comp in components for c in _candidates(comp)}
+
+
+def inject_explicit(
+    components: list[Component], targets: Iterable[ExplicitTarget], *, seed: int | None = None
+) -> LoHaNetwork:
+    """Freeze every component and wrap exactly the modules `targets` name, each with its own rank, alpha and CP.
+
+    A key that names no wrappable module of `components` is an InjectError listing every such key.
+    """
+    targets = list(targets)
+    for comp in components:
+        comp.module.requires_grad_(False)
+    by_key = {c.key: c for comp in components for c in _candidates(comp)}
+    duplicated = sorted(k for k, n in Counter(t.key for t in targets).items() if n > 1)
+    if duplicated:
+        raise InjectError(f"Keys given more than once: {', '.join(duplicated)}.")
+    unknown = [t.key for t in targets if t.key not in by_key]
+    if unknown:
+        shown = ", ".join(unknown[:20]) + (f", ... ({len(unknown) - 20} more)" if len(unknown) > 20 else "")
+        names = ", ".join(c.name for c in components)
+        raise InjectError(f"{len(unknown)} key(s) name no Linear or Conv2d module of the {names}: {shown}.")
+    network = LoHaNetwork()
+    rng_state = torch.random.get_rng_state()
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        for target in targets:
+            cand = by_key[target.key]
+            wrapped = wrap_layer(cand.module, target.rank, target.alpha, use_cp=target.use_cp)
+            _set_submodule(cand.component.module, cand.path, wrapped)
             network.modules[cand.key] = wrapped
             network.qualnames[cand.key] = cand.qualname
             network.components[cand.key] = cand.component.name

@@ -196,3 +196,27 @@ def test_load_state_dict_lists_mismatches_and_remove_restores_modules():
     assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
     remove_loha(sd_components(unet, [te]))
     assert not any(isinstance(m, LoHaModule) for m in unet.modules())
+
+
+def test_inject_explicit_wraps_exactly_the_named_modules():
+    from loha_train.inject import ExplicitTarget, inject_explicit
+
+    unet, te = make_tiny_unet(), make_tiny_text_encoder()
+    targets = [
+        ExplicitTarget("lora_unet_down_blocks_0_resnets_0_conv1", rank=3, alpha=1.5, use_cp=True),
+        ExplicitTarget("lora_unet_up_blocks_1_resnets_0_conv2", rank=2, alpha=4.0, use_cp=False),
+        ExplicitTarget("lora_te_text_model_encoder_layers_1_mlp_fc2", rank=5, alpha=2.0),
+    ]
+    net = inject_explicit(sd_components(unet, [te]), targets, seed=0)
+    assert list(net.modules) == [t.key for t in targets]
+    for t in targets:
+        m = net.modules[t.key]
+        assert (m.rank, float(m.alpha), m.use_cp) == (t.rank, t.alpha, t.use_cp)
+    assert net.components["lora_te_text_model_encoder_layers_1_mlp_fc2"] == "text_encoder"
+    assert sum(isinstance(m, LoHaModule) for m in unet.modules()) == 2
+    assert not any(p.requires_grad for p in unet.parameters() if not any(p is q for q in net.parameters()))
+
+    with pytest.raises(InjectError, match="lora_unet_nope"):
+        inject_explicit(sd_components(make_tiny_unet(), []), [ExplicitTarget("lora_unet_nope", 2, 1.0)])
+    with pytest.raises(InjectError, match="more than once"):
+        inject_explicit(sd_components(make_tiny_unet(), []), [targets[0], targets[0]])
