@@ -105,11 +105,13 @@ def detect_family(modules: Mapping[str, ModuleSpec], metadata: Mapping[str, str]
 
 
 def _family_from_metadata(metadata: Mapping[str, str]) -> tuple[str, list[str]] | None:
+    """kohya's ss_base_model_version, then WebUI's own rule (ss_v2), then modelspec.architecture."""
     version = metadata.get("ss_base_model_version", "")
-    if version.startswith("sdxl_"):
-        return "sdxl", [f"metadata ss_base_model_version={version}"]
-    if metadata.get("ss_v2") == "True" or version.startswith("sd_v2"):
-        return "sd2", ["metadata ss_v2=True" if metadata.get("ss_v2") == "True" else f"ss_base_model_version={version}"]
+    for prefix, family in (("sdxl_", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1")):
+        if version.startswith(prefix):
+            return family, [f"metadata ss_base_model_version={version}"]
+    if metadata.get("ss_v2") == "True":
+        return "sd2", ["metadata ss_v2=True"]
     arch = metadata.get("modelspec.architecture", "")
     for prefix, family in (
         ("stable-diffusion-xl", "sdxl"),
@@ -118,8 +120,6 @@ def _family_from_metadata(metadata: Mapping[str, str]) -> tuple[str, list[str]] 
     ):
         if arch.startswith(prefix):
             return family, [f"metadata modelspec.architecture={arch}"]
-    if version.startswith("sd_v1"):
-        return "sd1", [f"metadata ss_base_model_version={version}"]
     return None
 
 

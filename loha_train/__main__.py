@@ -1,0 +1,5 @@
+"""`python -m loha_train` runs the command line."""
+
+from loha_train.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""Command line: `loha-train CONFIG.yaml` trains, `inspect` and `merge` handle LoHa files; the only place that exits."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator, Sequence
+
+USAGE = """\
+usage: loha-train CONFIG.yaml [options]                 train (see loha-train CONFIG.yaml --help)
+       loha-train inspect FILE [--base MODEL] [--json]   show a LoHa file; with --base, check it loads
+       loha-train merge --base MODEL --adapter FILE --out PATH [--multiplier M] [--precision P] [--overwrite]
+
+MODEL is a diffusers folder, a single-file .safetensors/.ckpt, or builtin:tiny-sd.
+Exit status: 0 success, 1 a check failed (inspect --base), 2 a usage or input error."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "bad input" (reported in one paragraph, exit 2), as opposed to bugs (traceback)."""
+    from .builtin import BuiltinError
+    from .config import ConfigError
+    from .convert import ConversionError
+    from .export import AdapterError
+    from .inject import InjectError
+    from .merge import MergeError
+    from .models import ModelError
+
+    return (AdapterError, BuiltinError, ConfigError, ConversionError, InjectError, MergeError, ModelError)
+
+
+@contextlib.contextmanager
+def _stdout_reserved() -> Iterator[None]:
+    """Keep stdout for machine-readable output: prints and lycoris-lora's stdout logger go elsewhere meanwhile."""
+    lycoris = logging.getLogger("LyCORIS")  # lycoris-lora logs INFO lines with colour codes to stdout
+    level = lycoris.level
+    lycoris.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        lycoris.setLevel(level)
+
+
+def _cmd_inspect(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="loha-train inspect",
+        description="Show a LoHa .safetensors: modules, ranks, alphas, shapes, metadata, target family. With "
+        "--base, resolve every key as AUTOMATIC1111 WebUI and ComfyUI do on that model; any unmatched key fails.",
+    )
+    parser.add_argument("file", help="the LoHa .safetensors file")
+    parser.add_argument("--base", metavar="MODEL", help="diffusers folder, single file, or builtin:tiny-sd")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
+    args = parser.parse_args(argv)
+    from .inspection import format_report, inspect_adapter, report_dict
+
+    if args.json:
+        with _stdout_reserved():
+            report = inspect_adapter(args.file, args.base)
+        print(json.dumps(report_dict(report), indent=2, ensure_ascii=False))
+    else:
+        report = inspect_adapter(args.file, args.base)
+        print(format_report(report))
+    return 0 if report.ok else 1
+
+
+def _cmd_merge(argv: Sequence[str]) -> int:
+    from .merge import PRECISIONS
+
+    parser = argparse.ArgumentParser(
+        prog="loha-train merge",
+        description="Bake a LoHa file into its base model: W + multiplier * DeltaW for every module it names. "
+        "Writes a diffusers folder, or a single-file .safetensors when the base is one or --out ends with it.",
+    )
+    parser.add_argument("--base", required=True, metavar="MODEL", help="diffusers folder, single file, or builtin:NAME")
+    parser.add_argument("--adapter", required=True, metavar="FILE", help="the LoHa .safetensors file")
+    parser.add_argument("--out", required=True, metavar="PATH", help="output folder, or a .safetensors file")
+    parser.add_argument("--multiplier", type=float, default=1.0, help="strength, as <lora:name:M> (default 1.0)")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="saved dtype (default fp32)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = parser.parse_args(argv)
+    from .merge import merge_adapter
+
+    out = merge_adapter(
+        args.base,
+        args.adapter,
+        args.out,
+        multiplier=args.multiplier,
+        precision=args.precision,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_train(argv: Sequence[str]) -> int:
+    """`loha-train CONFIG.yaml [...]`: every argv whose first word is not a subcommand lands here."""
+    raise NotImplementedError("training from the command line is not wired up yet")
+
+
+SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"inspect": _cmd_inspect, "merge": _cmd_merge}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status. User errors print one message to stderr (status 2)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stdout if args else sys.stderr)
+        return 0 if args else 2
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s: %(message)s")
+    command = SUBCOMMANDS.get(args[0])
+    try:
+        if command is None:
+            return _cmd_train(args)  # not a subcommand: a training run, `loha-train CONFIG.yaml [...]`
+        return command(args[1:])
+    except KeyboardInterrupt:
+        print("loha-train: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise
+        name = args[0] if command is not None else "train"
+        print(f"loha-train {name}: error: {e}", file=sys.stderr)
+        return 2
