@@ -384,3 +384,16 @@ def test_apply_names_the_file_and_lists_mismatches(tmp_path):
     with pytest.raises(AdapterError) as err:
         apply_adapter(other, state, source=path)
     assert str(path) in str(err.value) and "wrong shape" in str(err.value) and "unexpected" in str(err.value)
+
+
+def test_a_file_for_other_dimensions_is_refused_before_touching_the_model(tmp_path):
+    stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"  # tiny: 32 -> 32
+    save_file(_loha_module(stem, out=320, inp=768), tmp_path / "sd15.safetensors")  # SD 1.5's 768 -> 320
+    state, metadata = load_adapter(tmp_path / "sd15.safetensors")
+    unet = make_tiny_unet()
+    with pytest.raises(AdapterError) as err:
+        inject_from_file(sd_components(unet, []), state, metadata, source="sd15.safetensors", family="sd1")
+    message = str(err.value)
+    assert "made for sd1" in message and "768-wide text context" in message
+    assert "wrong shape" in message and "file delta (320, 768), model weight (32, 32)" in message
+    assert not any(type(m).__name__.startswith("LoHa") for m in unet.modules())
