@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
+import shlex
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
@@ -21,14 +23,30 @@ Exit status: 0 success, 1 a check failed (inspect --base), 2 a usage or input er
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "bad input" (reported in one paragraph, exit 2), as opposed to bugs (traceback)."""
     from .builtin import BuiltinError
+    from .checkpoint import CheckpointError
     from .config import ConfigError
     from .convert import ConversionError
+    from .data import DataError
     from .export import AdapterError
     from .inject import InjectError
     from .merge import MergeError
     from .models import ModelError
+    from .runtime import OptimizerUnavailable
+    from .train import TrainingError
 
-    return (AdapterError, BuiltinError, ConfigError, ConversionError, InjectError, MergeError, ModelError)
+    return (
+        AdapterError,
+        BuiltinError,
+        CheckpointError,
+        ConfigError,
+        ConversionError,
+        DataError,
+        InjectError,
+        MergeError,
+        ModelError,
+        OptimizerUnavailable,
+        TrainingError,
+    )
 
 
 @contextlib.contextmanager
@@ -95,9 +113,74 @@ def _cmd_merge(argv: Sequence[str]) -> int:
     return 0
 
 
+def _train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loha-train",
+        description="Train a LoHa adapter as CONFIG.yaml describes (the README lists every key).",
+    )
+    parser.add_argument("config", help="the run's YAML config")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=2e-4 (repeatable; values are read as YAML)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--resume", nargs="?", const="latest", metavar="latest|PATH",
+        help="continue from the newest complete checkpoint in output.dir, or from a checkpoint folder",
+    )  # fmt: skip
+    parser.add_argument("--dry-run", action="store_true", help="check config, model, data and targets; print the plan")
+    parser.add_argument("--overwrite", action="store_true", help="start a new run in an output.dir that holds one")
+    return parser
+
+
 def _cmd_train(argv: Sequence[str]) -> int:
-    """`loha-train CONFIG.yaml [...]`: every argv whose first word is not a subcommand lands here."""
-    raise NotImplementedError("training from the command line is not wired up yet")
+    """`loha-train CONFIG.yaml [--set k=v ...] [--resume [latest|PATH]] [--dry-run] [--overwrite]`."""
+    args = _train_parser().parse_args(argv)
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # every config problem, before anything heavy loads
+    from .runtime import check_optimizer_available
+    from .train import Interrupted, train
+
+    check_optimizer_available(cfg.train.optimizer)
+    try:
+        adapter = train(cfg, resume=args.resume, overwrite=args.overwrite, dry_run=args.dry_run)
+    except Interrupted as stop:
+        where = f"a checkpoint was written to {stop.path}" if stop.path else "no checkpoint was written"
+        print(
+            f"loha-train: stopped at step {stop.step} ({stop}); {where}. Resume with:\n"
+            f"  loha-train {' '.join(argv_for_resume(argv))} --resume latest",
+            file=sys.stderr,
+        )
+        return 128 + stop.signum
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(
+            f"loha-train: error: no space left on the device while writing {e.filename or 'a file'}. Files are "
+            "written to a temporary name and renamed, so the previous checkpoint and adapter are intact; free "
+            "some space and resume with --resume latest.",
+            file=sys.stderr,
+        )
+        return 1
+    if adapter is not None:
+        print(f"wrote {adapter}")
+    return 0
+
+
+def argv_for_resume(argv: Sequence[str]) -> list[str]:
+    """The user's arguments without --resume/--overwrite/--dry-run, to print the resume command."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg in ("--overwrite", "--dry-run") or arg.startswith("--resume="):
+            continue
+        if arg == "--resume":
+            skip = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            continue
+        out.append(shlex.quote(arg))
+    return out
 
 
 SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"inspect": _cmd_inspect, "merge": _cmd_merge}

@@ -1,0 +1,187 @@
+"""Resumable checkpoints: checkpoints/step-NNNNNN/ = accelerate state + adapter + train_state.json, atomic."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .inject import LoHaNetwork
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "train_state.json"
+ADAPTER_FILE = "adapter.safetensors"
+_NAME = re.compile(r"^step-(\d{6,})$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be found, read, or resumed with the current settings."""
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """Where a run stands after an optimizer step; everything needed to continue it exactly."""
+
+    step: int  # optimizer steps done
+    epoch: int  # current epoch (0-based)
+    batch_in_epoch: int  # micro-batches of this epoch already consumed (per process)
+    settings: dict[str, Any]  # the settings a resumed run must share (see train.resume_settings)
+    world_size: int = 1
+    version: str = __version__
+    extra: dict[str, Any] = field(default_factory=dict)  # counters: skipped steps, samples seen, ...
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def read(cls, path: Path) -> TrainState:
+        try:
+            raw = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+            return cls(**raw)
+        except (OSError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"Checkpoint {path} is unreadable ({exc}); pick another one.") from exc
+
+
+def checkpoint_path(output_dir: Path, step: int) -> Path:
+    return Path(output_dir) / CHECKPOINTS / f"step-{step:06d}"
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (a readable train_state.json and adapter), oldest first."""
+    root = Path(output_dir) / CHECKPOINTS
+    found = []
+    if root.is_dir():
+        for child in root.iterdir():
+            match = _NAME.match(child.name)
+            if match and (child / STATE_FILE).is_file() and (child / ADAPTER_FILE).is_file():
+                found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def resolve_resume(output_dir: Path, which: str) -> Path:
+    """`latest` -> the newest complete checkpoint of output_dir; anything else is a checkpoint folder path."""
+    if which == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise CheckpointError(
+                f"--resume latest: no complete checkpoint under {Path(output_dir) / CHECKPOINTS}. "
+                "Checkpoints are written every train.save_every_steps steps and when a run is interrupted."
+            )
+        return found[-1][1]
+    path = Path(which)
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(
+            f"--resume {which}: not a complete checkpoint folder (it has no {STATE_FILE}); "
+            f"use `--resume latest` or a folder such as {checkpoint_path(output_dir, 100)}."
+        )
+    return path
+
+
+def register_adapter_hooks(accelerator: Any, network: LoHaNetwork) -> None:
+    """Make accelerate's save_state/load_state store only the adapter tensors, not the frozen base model."""
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        if accelerator.is_main_process:
+            state = {k: v.detach().float().contiguous().cpu() for k, v in network.state_dict().items()}
+            save_file(state, str(Path(output_dir) / ADAPTER_FILE))
+        weights.clear()  # the base weights are frozen and come from the model files
+
+    def load_hook(models: list, input_dir: str) -> None:
+        models.clear()
+        network.load_state_dict(load_file(str(Path(input_dir) / ADAPTER_FILE)))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState, keep_last: int) -> Path:
+    """Write a checkpoint into a temporary folder and rename it into place, then drop old ones.
+
+    A kill at any moment leaves either the previous set of checkpoints or the new one complete; a
+    failure (a full disk) removes the partial folder and re-raises, so nothing good is replaced.
+    """
+    final = checkpoint_path(output_dir, state.step)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if accelerator.is_main_process:
+        _remove(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(state.to_json(), encoding="utf-8")
+            _fsync_tree(tmp)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if final.exists():  # the same step saved again (an interrupted run re-saving): replace it whole
+                _remove(final)
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+            rotate_checkpoints(output_dir, keep_last)
+    except BaseException:
+        if accelerator.is_main_process:
+            _remove(tmp)
+        raise
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Any, path: Path) -> TrainState:
+    """Restore adapter, optimizer, scheduler, grad scaler and RNG states; return the saved TrainState."""
+    state = TrainState.read(path)
+    try:
+        accelerator.load_state(str(path))
+    except (OSError, RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"Checkpoint {path} could not be loaded: {exc}") from exc
+    return state
+
+
+def rotate_checkpoints(output_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest keep_last complete checkpoints (renamed away first, so never half-deleted)."""
+    for _, path in list_checkpoints(output_dir)[:-keep_last]:
+        doomed = path.with_name(f".{path.name}.deleting")
+        os.replace(path, doomed)
+        _remove(doomed)
+
+
+def settings_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable list of resume-critical settings that changed, by dotted key."""
+    keys = sorted(set(saved) | set(current))
+    return [
+        f"{k}: checkpoint has {saved.get(k)!r}, config has {current.get(k)!r}"
+        for k in keys
+        if saved.get(k) != current.get(k)
+    ]
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+def _fsync_tree(root: Path) -> None:
+    for file in root.rglob("*"):
+        if file.is_file():
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,130 @@
+"""Sample images during training: a diffusers pipeline over the live (adapted) models, PNG files and a grid."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .config import SampleConfig, SamplePrompt
+
+_SAMPLERS = {
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "pndm": "PNDMScheduler",
+}
+
+
+@dataclass(frozen=True)
+class SampleModels:
+    """What a pipeline needs; the UNet and text encoders are the adapted, unwrapped modules."""
+
+    unet: nn.Module
+    vae: nn.Module
+    text_encoders: Sequence[nn.Module]
+    tokenizers: Sequence[Any]
+    scheduler_config: Any
+
+
+def make_pipeline(models: SampleModels, sampler: str) -> Any:
+    import diffusers
+
+    scheduler = getattr(diffusers, _SAMPLERS[sampler]).from_config(models.scheduler_config)
+    if len(models.text_encoders) == 2:
+        pipe = diffusers.StableDiffusionXLPipeline(
+            vae=models.vae,
+            text_encoder=models.text_encoders[0],
+            text_encoder_2=models.text_encoders[1],
+            tokenizer=models.tokenizers[0],
+            tokenizer_2=models.tokenizers[1],
+            unet=models.unet,
+            scheduler=scheduler,
+        )
+    else:
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=models.vae,
+            text_encoder=models.text_encoders[0],
+            tokenizer=models.tokenizers[0],
+            unet=models.unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@contextlib.contextmanager
+def _eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)
+
+
+def generate(
+    models: SampleModels, cfg: SampleConfig, resolution: int, autocast: contextlib.AbstractContextManager | None = None
+) -> list[Image.Image]:
+    """One image per prompt, each from its own seeded generator, so the same step gives the same images."""
+    pipe = make_pipeline(models, cfg.sampler)
+    images = []
+    with _eval_mode([models.unet, *models.text_encoders]), torch.no_grad(), autocast or contextlib.nullcontext():
+        for i, prompt in enumerate(cfg.prompts):
+            images.append(_one(pipe, prompt, cfg, resolution, default_seed=cfg.seed + i))
+    return images
+
+
+def _one(pipe: Any, p: SamplePrompt, cfg: SampleConfig, resolution: int, default_seed: int) -> Image.Image:
+    generator = torch.Generator(device="cpu").manual_seed(p.seed if p.seed is not None else default_seed)
+    result = pipe(
+        prompt=p.prompt,
+        negative_prompt=p.negative_prompt or None,
+        width=p.width or resolution,
+        height=p.height or resolution,
+        num_inference_steps=p.steps or cfg.steps,
+        guidance_scale=p.guidance if p.guidance is not None else cfg.guidance,
+        generator=generator,
+        output_type="pil",
+    )
+    return result.images[0]
+
+
+def grid(images: Sequence[Image.Image], columns: int = 4) -> Image.Image:
+    """Images side by side (rows of `columns`), each cell the size of the largest image."""
+    cols = max(1, min(columns, len(images)))
+    rows = (len(images) + cols - 1) // cols
+    w, h = max(i.width for i in images), max(i.height for i in images)
+    canvas = Image.new("RGB", (cols * w, rows * h), "white")
+    for n, image in enumerate(images):
+        canvas.paste(image, ((n % cols) * w, (n // cols) * h))
+    return canvas
+
+
+def save_samples(images: Sequence[Image.Image], folder: Path, step: int) -> Path:
+    """samples/step-NNNNNN-PP.png per prompt and samples/step-NNNNNN-grid.png; returns the grid path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        save_png(image, folder / f"step-{step:06d}-{i:02d}.png")
+    grid_path = folder / f"step-{step:06d}-grid.png"
+    save_png(grid(images), grid_path)
+    return grid_path
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)

@@ -1,0 +1,321 @@
+"""The training recipe: build from a Config, run the accelerate loop, checkpoint, sample, export. Read top to bottom."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint, export
+from .checkpoint import CheckpointError, TrainState
+from .config import Config, dump_config
+from .inject import inject_loha, sd_components
+from .metrics import MetricsLog, loss_curve_png
+from .models import ModelBundle, load_models, model_hash
+from .plan import OutputPaths, RunPlan, format_plan, make_plan
+from .runtime import (
+    build_data,
+    build_optimizer,
+    micro_step,
+    provenance,
+    resume_settings,
+    sample_now,
+    seed_everything_for,
+    validation_loss,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(Exception):
+    """The run cannot go on (a NaN loss, an output folder that holds a finished run, ...)."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was written at `step` so the run can be resumed."""
+
+    def __init__(self, signum: int, step: int, path: Path | None) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}")
+        self.signum, self.step, self.path = signum, step, path
+
+
+def train(
+    cfg: Config,
+    *,
+    resume: str | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    echo: Callable[[str], None] = print,
+) -> Path | None:
+    """Run (or with dry_run only plan) the training described by `cfg`; returns the final adapter path."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    paths = OutputPaths(Path(cfg.output.dir), cfg.output.name)
+    resume_from = None if dry_run else _check_output_folder(paths, resume, overwrite)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.network.module_dropout > 0)
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision, step_scheduler_with_optimizer=False, kwargs_handlers=[ddp]
+    )
+    main = accelerator.is_main_process
+
+    # --- models, data and adapters ------------------------------------------------------------------------
+    bundle = load_models(cfg.model)
+    bundle.unet.to(accelerator.device)
+    bundle.vae.to(accelerator.device)
+    for te in bundle.text_encoders:
+        te.to(accelerator.device)
+    data = build_data(cfg, bundle, accelerator, encode=not dry_run)
+    components = sd_components(
+        bundle.unet if cfg.network.train_unet else None,
+        bundle.text_encoders if cfg.network.train_text_encoder else [],
+    )
+    network = inject_loha(components, cfg.network, seed=cfg.train.seed)
+    for module in network.modules.values():
+        module.to(accelerator.device)
+    if cfg.network.init_from:
+        state, _ = export.load_adapter(cfg.network.init_from)
+        export.apply_adapter(network, state, source=cfg.network.init_from)
+    plan = make_plan(cfg, len(data.sampler), accelerator.num_processes)
+    if main:
+        echo(format_plan(cfg, plan, paths, model=_describe_model(bundle), adapters=network.report(), data=data.summary))
+    if dry_run:
+        return None
+
+    # --- optimizer, resume ---------------------------------------------------------------------------------
+    trained = [m for m in (bundle.unet, *bundle.text_encoders) if any(p.requires_grad for p in m.parameters())]
+    if cfg.train.gradient_checkpointing:
+        _enable_gradient_checkpointing(bundle, cfg)
+    optimizer, lr_scheduler = build_optimizer(cfg, network, plan.total_steps)
+    prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
+    models, optimizer, lr_scheduler = list(prepared[: len(trained)]), prepared[-2], prepared[-1]
+    checkpoint.register_adapter_hooks(accelerator, network)
+    settings = resume_settings(cfg, data, model_hash(cfg.model.path))
+    step, epoch, batch_in_epoch, extra = 0, 0, 0, {"skipped_steps": 0}
+    if resume_from is not None:
+        state = _resume(accelerator, resume_from, settings)
+        step, epoch, extra = state.step, state.epoch, dict(state.extra)
+        batch_in_epoch = _rescale_position(state, accelerator.num_processes, plan)
+    if main:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        _write_atomic(paths.config, dump_config(cfg))
+    log = MetricsLog(paths.logs, start_step=step, enabled=main)
+    meta = provenance(cfg, bundle, data, plan, network)
+
+    def save_checkpoint() -> Path:
+        state = TrainState(step, epoch, batch_in_epoch, settings, accelerator.num_processes, extra=extra)
+        return checkpoint.save_checkpoint(accelerator, paths.root, state, cfg.train.keep_last_checkpoints)
+
+    def export_adapter(path: Path) -> None:
+        if main:
+            stats = {"steps": step, "epoch": epoch, "finished_at": time.time(), **extra}
+            export.save_adapter(network, path, dtype=cfg.output.save_precision, metadata=meta(stats))
+        accelerator.wait_for_everyone()
+
+    def samples() -> None:
+        sample_now(cfg, bundle, accelerator, network, log, paths.samples, step)
+
+    # --- the loop -------------------------------------------------------------------------------------------
+    stop = _StopFlag()
+    progress = _progress(plan.total_steps, step, main)
+    last_checkpoint = step if resume_from is not None else -1
+    last_sampled = -1
+    if step == 0 and cfg.sample.at_start and cfg.sample.prompts:
+        samples()
+        last_sampled = 0
+    for m in models:
+        m.train()
+    with stop.installed():
+        while step < plan.total_steps:
+            data.sampler.set_epoch(epoch, batch_in_epoch)
+            batches = iter(data.loader)
+            while batch_in_epoch < plan.batches_per_epoch and step < plan.total_steps:
+                group = plan.group_size(batch_in_epoch)
+                loss_sum = torch.zeros((), device=accelerator.device)
+                for j in range(group):
+                    seed_everything_for(cfg.train.seed, step, j, accelerator.process_index)
+                    sync = contextlib.nullcontext() if j == group - 1 else _no_sync(accelerator, models)
+                    with sync, accelerator.autocast():
+                        loss = micro_step(cfg, bundle, accelerator, next(batches)) / group
+                        accelerator.backward(loss)
+                    loss_sum += loss.detach()
+                batch_in_epoch += group
+                loss_value = accelerator.reduce(loss_sum, "mean").item()
+                if not math.isfinite(loss_value):
+                    _non_finite(cfg, loss_value, step, optimizer, extra, last_checkpoint, paths)
+                else:
+                    if cfg.train.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(list(network.parameters()), cfg.train.max_grad_norm)
+                    optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                epoch_ended = batch_in_epoch >= plan.batches_per_epoch
+                if epoch_ended:
+                    epoch, batch_in_epoch = epoch + 1, 0
+                lr = lr_scheduler.get_last_lr()[0]
+                log.scalars(step, {"loss": loss_value, "lr": lr, "epoch": epoch})
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", epoch=epoch)
+
+                sample_due = _due(cfg.sample.every_n_steps, step) or (
+                    epoch_ended and _due(cfg.sample.every_n_epochs, epoch)
+                )
+                if sample_due and cfg.sample.prompts:
+                    samples()
+                    last_sampled = step
+                if _due(cfg.train.validation_every_steps, step) and data.validation is not None:
+                    val = validation_loss(cfg, bundle, accelerator, data)
+                    log.scalars(step, {"val_loss": val})
+                if _due(cfg.output.save_adapter_every_steps, step) and step < plan.total_steps:
+                    export_adapter(paths.periodic_adapter(step))
+                if _due(cfg.train.save_every_steps, step) or stop.signum is not None:
+                    path = save_checkpoint()
+                    last_checkpoint = step
+                    if stop.signum is not None:
+                        progress.close()
+                        log.close()
+                        raise Interrupted(stop.signum, step, path)
+
+    # --- the end ---------------------------------------------------------------------------------------------
+    progress.close()
+    if last_checkpoint != step:
+        save_checkpoint()
+    if cfg.sample.prompts and last_sampled != step:
+        samples()
+    export_adapter(paths.adapter)
+    if main:
+        log.close()
+        loss_curve_png(log.path, paths.loss_curve)
+    return paths.adapter
+
+
+# --- helpers of the recipe (each used once above; kept here so the recipe reads in one place) -------------------
+
+
+def _check_output_folder(paths: OutputPaths, resume: str | None, overwrite: bool) -> Path | None:
+    """Refuse to clobber a finished or started run; return the checkpoint to resume from, if any."""
+    if resume is not None:
+        return checkpoint.resolve_resume(paths.root, resume)
+    started = checkpoint.list_checkpoints(paths.root)
+    if overwrite or not (paths.adapter.exists() or started):
+        return None
+    what = f"a finished run ({paths.adapter.name})" if paths.adapter.exists() else f"{len(started)} checkpoint(s)"
+    raise TrainingError(
+        f"The output folder {paths.root} already holds {what}. Use `--resume latest` to continue it, "
+        "`--overwrite` to start a new run there (files of the old run with the same names are replaced), "
+        "or choose another output.dir."
+    )
+
+
+def _resume(accelerator: Any, path: Path, settings: dict[str, Any]) -> TrainState:
+    saved = TrainState.read(path)
+    from . import __version__
+
+    if saved.version != __version__:
+        raise CheckpointError(
+            f"Checkpoint {path} was written by loha-train {saved.version}; this is {__version__}. "
+            "Resume it with that version, or start a new run (init from its adapter with network.init_from)."
+        )
+    changed = checkpoint.settings_differences(saved.settings, settings)
+    if changed:
+        raise CheckpointError(
+            f"Cannot resume from {path}: settings that decide what the adapter learns changed since it was "
+            "written: " + "; ".join(changed) + ". Restore them, or start a new run in another output.dir."
+        )
+    return checkpoint.load_checkpoint(accelerator, path)
+
+
+def _rescale_position(state: TrainState, world_size: int, plan: RunPlan) -> int:
+    """The checkpoint's per-process batch position, translated to this run's number of processes."""
+    if state.world_size == world_size:
+        return state.batch_in_epoch
+    logger.warning(
+        "resuming a %d-process checkpoint with %d processes: the data order of this epoch differs from an "
+        "uninterrupted run from here on", state.world_size, world_size,
+    )  # fmt: skip
+    return min(plan.batches_per_epoch, state.batch_in_epoch * state.world_size // world_size)
+
+
+def _non_finite(
+    cfg: Config, value: float, step: int, optimizer: Any, extra: dict[str, Any], last: int, paths: OutputPaths
+) -> None:
+    if cfg.train.nan_policy == "skip":
+        logger.warning("loss is %s at step %d: skipping this step (train.nan_policy: skip)", value, step + 1)
+        extra["skipped_steps"] = extra.get("skipped_steps", 0) + 1
+        optimizer.zero_grad(set_to_none=True)
+        return
+    where = (
+        f"the last good checkpoint is {checkpoint.checkpoint_path(paths.root, last)}"
+        if last >= 0
+        else ("no checkpoint was written yet")
+    )
+    raise TrainingError(
+        f"The loss became {value} at step {step + 1}; training stopped and {where}. Lower train.lr, raise "
+        "train.max_grad_norm protection, check mixed precision (fp16 overflows more easily than bf16), or set "
+        "train.nan_policy: skip to skip such steps."
+    )
+
+
+def _due(every: int | None, count: int) -> bool:
+    return bool(every) and count % every == 0  # type: ignore[operator]
+
+
+def _no_sync(accelerator: Any, models: list[Any]) -> contextlib.AbstractContextManager:
+    stack = contextlib.ExitStack()
+    for m in models:
+        stack.enter_context(accelerator.no_sync(m))
+    return stack
+
+
+def _enable_gradient_checkpointing(bundle: ModelBundle, cfg: Config) -> None:
+    bundle.unet.enable_gradient_checkpointing()
+    if cfg.network.train_text_encoder:
+        for te in bundle.text_encoders:
+            te.gradient_checkpointing_enable()
+
+
+def _describe_model(bundle: ModelBundle) -> str:
+    return f"{bundle.source} ({bundle.family}, {bundle.prediction_type}, {bundle.kind.replace('_', ' ')})"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _progress(total: int, start: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, desc="training", unit="step", dynamic_ncols=True)
+
+
+class _StopFlag:
+    """Turns the first SIGINT/SIGTERM into a request to checkpoint and stop at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        logger.warning("received %s: writing a checkpoint after this step", signal.Signals(signum).name)
+        signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once (the checkpoint write is atomic)
+
+    @contextlib.contextmanager
+    def installed(self) -> Any:
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in previous:
+            signal.signal(s, self._handle)
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
