@@ -130,33 +130,41 @@ def train(
     if step == 0 and cfg.sample.at_start and cfg.sample.prompts:
         samples()
         last_sampled = 0
+    if step == 0 and cfg.train.validation_every_steps and data.validation is not None:
+        log.scalars(0, {"val_loss": validation_loss(cfg, bundle, accelerator, data)})  # the untrained baseline
     for m in models:
         m.train()
+
+    def optimizer_step(group: int, batches: Any) -> float:
+        """Accumulate `group` micro-batches (gradients synchronised on the last), then step; returns the loss."""
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for j in range(group):
+            seed_everything_for(cfg.train.seed, step, j, accelerator.process_index)
+            sync = contextlib.nullcontext() if j == group - 1 else _no_sync(accelerator, models)
+            with sync, accelerator.autocast():
+                loss = micro_step(cfg, bundle, accelerator, next(batches)) / group
+                accelerator.backward(loss)
+            loss_sum += loss.detach()
+        loss_value = accelerator.reduce(loss_sum, "mean").item()
+        if not math.isfinite(loss_value):
+            _non_finite(cfg, loss_value, step, optimizer, extra, last_checkpoint, paths)
+        else:
+            if cfg.train.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(list(network.parameters()), cfg.train.max_grad_norm)
+            optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss_value
+
     with stop.installed():
         while step < plan.total_steps:
             data.sampler.set_epoch(epoch, batch_in_epoch)
             batches = iter(data.loader)
-            while batch_in_epoch < plan.batches_per_epoch and step < plan.total_steps:
+            epoch_ended = False
+            while not epoch_ended and step < plan.total_steps:
                 group = plan.group_size(batch_in_epoch)
-                loss_sum = torch.zeros((), device=accelerator.device)
-                for j in range(group):
-                    seed_everything_for(cfg.train.seed, step, j, accelerator.process_index)
-                    sync = contextlib.nullcontext() if j == group - 1 else _no_sync(accelerator, models)
-                    with sync, accelerator.autocast():
-                        loss = micro_step(cfg, bundle, accelerator, next(batches)) / group
-                        accelerator.backward(loss)
-                    loss_sum += loss.detach()
-                batch_in_epoch += group
-                loss_value = accelerator.reduce(loss_sum, "mean").item()
-                if not math.isfinite(loss_value):
-                    _non_finite(cfg, loss_value, step, optimizer, extra, last_checkpoint, paths)
-                else:
-                    if cfg.train.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(list(network.parameters()), cfg.train.max_grad_norm)
-                    optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
+                loss_value = optimizer_step(group, batches)
+                step, batch_in_epoch = step + 1, batch_in_epoch + group
                 epoch_ended = batch_in_epoch >= plan.batches_per_epoch
                 if epoch_ended:
                     epoch, batch_in_epoch = epoch + 1, 0
@@ -165,20 +173,17 @@ def train(
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", epoch=epoch)
 
-                sample_due = _due(cfg.sample.every_n_steps, step) or (
-                    epoch_ended and _due(cfg.sample.every_n_epochs, epoch)
-                )
-                if sample_due and cfg.sample.prompts:
+                if cfg.sample.prompts and (
+                    _due(cfg.sample.every_n_steps, step) or (epoch_ended and _due(cfg.sample.every_n_epochs, epoch))
+                ):
                     samples()
                     last_sampled = step
                 if _due(cfg.train.validation_every_steps, step) and data.validation is not None:
-                    val = validation_loss(cfg, bundle, accelerator, data)
-                    log.scalars(step, {"val_loss": val})
+                    log.scalars(step, {"val_loss": validation_loss(cfg, bundle, accelerator, data)})
                 if _due(cfg.output.save_adapter_every_steps, step) and step < plan.total_steps:
                     export_adapter(paths.periodic_adapter(step))
                 if _due(cfg.train.save_every_steps, step) or stop.signum is not None:
-                    path = save_checkpoint()
-                    last_checkpoint = step
+                    last_checkpoint, path = step, save_checkpoint()
                     if stop.signum is not None:
                         progress.close()
                         log.close()

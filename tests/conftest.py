@@ -48,3 +48,13 @@ def tiny_sd_dir(builtin_cache: Path) -> Path:
     from loha_train.builtin import resolve_builtin
 
     return resolve_builtin("builtin:tiny-sd")
+
+
+@pytest.fixture
+def fresh_accelerate() -> Iterator[None]:
+    """accelerate keeps process-wide state; each in-process training run starts from a clean slate."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)

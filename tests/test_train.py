@@ -1,0 +1,197 @@
+"""Training end to end on a tiny model: output contract, exact resume (incl. resume of a resume), overfitting."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loha_train.config import Config, config_from_dict
+from loha_train.metrics import read_metrics
+
+pytestmark = pytest.mark.usefixtures("builtin_cache", "fresh_accelerate")
+
+
+def tiny_raw(out: Path, **sets: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "model": {"path": "builtin:tiny-sd"},
+        "network": {"preset": "full", "rank": 4, "alpha": 2},
+        "data": {
+            "path": "builtin:shapes",
+            "resolution": 64,
+            "bucket_min_side": 32,
+            "bucket_max_side": 128,
+            "bucket_step": 32,
+            "cache_latents": "memory",
+        },
+        "train": {"max_steps": 8, "batch_size": 2, "lr": 1e-3},
+        "output": {"dir": str(out)},
+    }
+    for key, value in sets.items():
+        section, name = key.split("__")
+        raw.setdefault(section, {})[name] = value
+    return raw
+
+
+def tiny_config(out: Path, **sets: Any) -> Config:
+    return config_from_dict(tiny_raw(out, **sets))
+
+
+def run(out: Path, resume: str | None = None, **sets: Any) -> Path | None:
+    from accelerate.state import AcceleratorState
+
+    from loha_train.train import train
+
+    AcceleratorState._reset_state(True)
+    return train(tiny_config(out, **sets), resume=resume, echo=lambda _: None)
+
+
+def losses(out: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(out / "logs" / "metrics.jsonl") if "loss" in r]
+
+
+def final_state(out: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "checkpoints" / f"step-{step:06d}" / "adapter.safetensors"))
+
+
+def assert_same_run(a: Path, b: Path, step: int) -> None:
+    assert losses(a) == losses(b)
+    sa, sb = final_state(a, step), final_state(b, step)
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    fa, fb = load_file(str(a / "loha.safetensors")), load_file(str(b / "loha.safetensors"))
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+
+
+# Gradient accumulation, two buckets (the shapes set has square and 4:3 images), caption shuffling with
+# tag/caption dropout (so text embeddings are not cached) and both dropouts on: everything that draws randomness.
+HARD = {
+    "train__gradient_accumulation": 2,
+    "data__shuffle_captions": True,
+    "data__caption_dropout": 0.2,
+    "network__rank_dropout": 0.2,
+    "network__module_dropout": 0.1,
+}
+
+
+def test_resume_mid_epoch_equals_straight_run(tmp_path: Path) -> None:
+    run(tmp_path / "straight", **HARD)
+    run(tmp_path / "split", **HARD, train__max_steps=3)
+    run(tmp_path / "split", resume="latest", **HARD)
+    state = json.loads((tmp_path / "split/checkpoints/step-000003/train_state.json").read_text())
+    assert state["batch_in_epoch"] > 0, "the split should fall inside an epoch"
+    assert_same_run(tmp_path / "straight", tmp_path / "split", 8)
+    assert [s for s, _ in losses(tmp_path / "split")] == list(range(1, 9))
+
+
+def test_resume_of_a_resume_continues_counters(tmp_path: Path) -> None:
+    extra = {**HARD, "network__train_text_encoder": True, "train__text_encoder_lr": 5e-4, "train__save_every_steps": 2}
+    run(tmp_path / "straight", **extra)
+    out = tmp_path / "resumed"
+    run(out, **extra, train__max_steps=2)
+    run(out, resume="latest", **extra, train__max_steps=5)
+    run(out, resume=str(out / "checkpoints" / "step-000005"), **extra)
+    assert_same_run(tmp_path / "straight", out, 8)
+    steps = [s for s, _ in losses(out)]
+    assert steps == list(range(1, 9)), "step numbers must continue, not restart or repeat"
+    # checkpoints are named by the global step, and rotation kept the newest three
+    # saved at 2, 4, 5 (end of the second run), 6, 8; rotation keeps the newest three
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000005", "step-000006", "step-000008"]
+    state = json.loads((out / "checkpoints/step-000008/train_state.json").read_text())
+    assert state["step"] == 8 and state["epoch"] == 2
+    # TensorBoard holds each step once: the resumed runs purged nothing and duplicated nothing
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "logs"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 9))
+
+
+def test_resume_refuses_changed_settings_and_names_them(tmp_path: Path) -> None:
+    from loha_train.checkpoint import CheckpointError
+
+    run(tmp_path, train__max_steps=2)
+    with pytest.raises(CheckpointError, match=r"network\.rank: checkpoint has 4, config has 8"):
+        run(tmp_path, resume="latest", network__rank=8)
+    with pytest.raises(CheckpointError, match=r"data\.resolution"):
+        run(tmp_path, resume="latest", data__resolution=96, data__bucket_max_side=128)
+
+
+def test_finished_output_folder_is_not_overwritten(tmp_path: Path) -> None:
+    from loha_train.train import TrainingError
+
+    run(tmp_path, train__max_steps=1)
+    before = (tmp_path / "loha.safetensors").read_bytes()
+    with pytest.raises(TrainingError, match="already holds a finished run"):
+        run(tmp_path, train__max_steps=1)
+    assert (tmp_path / "loha.safetensors").read_bytes() == before
+
+
+def test_overfitting_one_image_drives_the_fixed_validation_loss_down(tmp_path: Path) -> None:
+    from loha_train.builtin import resolve_builtin
+
+    images = tmp_path / "one"
+    images.mkdir()
+    src = resolve_builtin("builtin:shapes")
+    first = sorted(src.glob("*.png"))[0]
+    shutil.copy(first, images / first.name)
+    shutil.copy(first.with_suffix(".txt"), images / first.with_suffix(".txt").name)
+    run(
+        tmp_path / "out",
+        data__path=str(images),
+        data__validation_path=str(images),
+        train__validation_every_steps=60,
+        train__max_steps=60,
+        train__batch_size=1,
+        train__lr=1e-2,
+        network__rank=8,
+        network__alpha=8,
+    )
+    val = [r["val_loss"] for r in read_metrics(tmp_path / "out/logs/metrics.jsonl") if "val_loss" in r]
+    assert len(val) == 2 and all(torch.isfinite(torch.tensor(val)))
+    assert val[-1] < 0.5 * val[0], f"validation loss {val[0]:.4f} -> {val[-1]:.4f}"
+
+
+@pytest.mark.slow
+def test_cli_end_to_end_output_folder_contract(tmp_path: Path, builtin_cache: Path) -> None:
+    import yaml
+
+    out = tmp_path / "out"
+    raw = tiny_raw(
+        out,
+        train__max_steps=4,
+        train__save_every_steps=2,
+        output__save_adapter_every_steps=2,
+        output__name="demo",
+    )
+    raw["sample"] = {"prompts": ["a red circle", "a blue square"], "steps": 2}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    cli = [sys.executable, "-m", "loha_train"]
+    done = subprocess.run([*cli, str(tmp_path / "run.yaml")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    events = {f for f in files if f.startswith("logs/events.out.tfevents")}
+    assert len(events) == 1
+    checkpoint = {"adapter.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "train_state.json"}
+    assert files - events == {
+        "demo.safetensors",
+        "demo-step-000002.safetensors",
+        "config.yaml",
+        "loss.png",
+        "logs/metrics.jsonl",
+        *(f"checkpoints/step-00000{s}/{name}" for s in (2, 4) for name in checkpoint),
+        *(f"samples/step-00000{s}-{i}.png" for s in (0, 4) for i in ("00", "01", "grid")),
+    }
+    shown = subprocess.run([*cli, "inspect", str(out / "demo.safetensors")], capture_output=True, text=True)
+    assert shown.returncode == 0 and "lora_unet_" in shown.stdout and "hada_w1_a" not in shown.stderr
+    again = subprocess.run([*cli, str(tmp_path / "run.yaml")], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "already holds a finished run" in again.stderr
+    assert "Traceback" not in again.stderr
