@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -158,40 +156,3 @@ def test_overfitting_one_image_drives_the_fixed_validation_loss_down(tmp_path: P
     val = [r["val_loss"] for r in read_metrics(tmp_path / "out/logs/metrics.jsonl") if "val_loss" in r]
     assert len(val) == 2 and all(torch.isfinite(torch.tensor(val)))
     assert val[-1] < 0.5 * val[0], f"validation loss {val[0]:.4f} -> {val[-1]:.4f}"
-
-
-@pytest.mark.slow
-def test_cli_end_to_end_output_folder_contract(tmp_path: Path, builtin_cache: Path) -> None:
-    import yaml
-
-    out = tmp_path / "out"
-    raw = tiny_raw(
-        out,
-        train__max_steps=4,
-        train__save_every_steps=2,
-        output__save_adapter_every_steps=2,
-        output__name="demo",
-    )
-    raw["sample"] = {"prompts": ["a red circle", "a blue square"], "steps": 2}
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
-    cli = [sys.executable, "-m", "loha_train"]
-    done = subprocess.run([*cli, str(tmp_path / "run.yaml")], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    events = {f for f in files if f.startswith("logs/events.out.tfevents")}
-    assert len(events) == 1
-    checkpoint = {"adapter.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "train_state.json"}
-    assert files - events == {
-        "demo.safetensors",
-        "demo-step-000002.safetensors",
-        "config.yaml",
-        "loss.png",
-        "logs/metrics.jsonl",
-        *(f"checkpoints/step-00000{s}/{name}" for s in (2, 4) for name in checkpoint),
-        *(f"samples/step-00000{s}-{i}.png" for s in (0, 4) for i in ("00", "01", "grid")),
-    }
-    shown = subprocess.run([*cli, "inspect", str(out / "demo.safetensors")], capture_output=True, text=True)
-    assert shown.returncode == 0 and "lora_unet_" in shown.stdout and "hada_w1_a" not in shown.stderr
-    again = subprocess.run([*cli, str(tmp_path / "run.yaml")], capture_output=True, text=True, timeout=600)
-    assert again.returncode == 2 and "already holds a finished run" in again.stderr
-    assert "Traceback" not in again.stderr
