@@ -18,11 +18,20 @@ optimizer: forward + backward to the input latents (which require grad, so backw
 frozen UNet). Inputs and base weights are identical across variants (same seeds), so every variant's first loss
 equals the base loss: LoHa and LoRA start with a zero delta.
 
+Time: wall time per step (CUDA-synchronised), median over the measured steps; "CPU s/step" is the process's user +
+system time per step. On a shared CPU machine, CPU time well below threads x wall time means the steps did not get
+their cores: the table then adds a NOTE, and such times are not comparable. `--keep-freed-memory` stops glibc from
+handing freed activations back to the kernel (otherwise every SD1.5 step page-faults ~2.4 GB back in), which is
+faster and steadier; it is off by default so the numbers match an untuned process. `--flops` adds the matmul/conv
+FLOPs of one extra step, a noise-free measure of the work each variant adds.
 Memory: on CPU, `peak_mem_bytes` is the worker's peak RSS (VmHWM, including model construction) and
 `train_peak_mem_bytes` the peak RSS while stepping (VmHWM reset through /proc/self/clear_refs after setup); on
 CUDA, torch.cuda.max_memory_allocated over the same two spans.
 Precision: `--dtype bf16|fp16` casts the frozen base weights to that dtype, keeps adapter parameters (and AdamW
 state) in fp32, and runs forward under torch.autocast; no grad scaler (timing only). CPU runs should stay fp32.
+JSON (`--json`): a list of rows, one per variant: variant, median_s, step_times_s, median_cpu_s, peak_mem_bytes,
+train_peak_mem_bytes, trainable_params, wrapped_modules, losses, gflops_per_step, ratios (time_vs_base,
+time_vs_peft, mem_vs_base, mem_vs_peft; null where that variant was not run) and the shared config.
 """
 
 from __future__ import annotations
@@ -85,6 +94,13 @@ UNET_TARGETS = (
     "conv1", "conv2", "conv_shortcut", "time_emb_proj",
 )  # fmt: skip
 TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+# glibc returns big freed blocks to the kernel (mmap threshold, heap trimming), so every CPU step page-faults its
+# activations back in: ~600k faults (~2.4 GB zeroed) per SD1.5 step at 32x32 latents. These keep them in the heap.
+KEEP_FREED_MEMORY_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),  # glibc's largest allowed threshold
+    "MALLOC_TRIM_THRESHOLD_": str(2**40),
+    "MALLOC_TOP_PAD_": str(2**30),
+}
 TOKENS = 77
 SEED = 1234
 LR = 1e-4
@@ -110,6 +126,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="write the result rows here")
     p.add_argument("--profile", type=Path, default=None, help="folder for a torch.profiler table per variant")
     p.add_argument("--flops", action="store_true", help="count matmul/conv FLOPs of one extra step (noise-free)")
+    p.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="glibc keeps freed memory in the workers (no page faults per step; see KEEP_FREED_MEMORY_ENV)",
+    )
     p.add_argument("--worker", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
     p.add_argument("--result-file", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -135,6 +156,7 @@ def shared_config(args: argparse.Namespace) -> dict[str, Any]:
     cfg["unet_targets"] = list(UNET_TARGETS)
     cfg["te_targets"] = list(TE_TARGETS) if args.text_encoder else []
     cfg["optimizer"] = f"AdamW(lr={LR})"
+    cfg["keep_freed_memory"] = args.keep_freed_memory
     return cfg
 
 
@@ -160,6 +182,8 @@ def worker_argv(args: argparse.Namespace, variant: str, result_file: Path) -> li
         argv += ["--profile", str(args.profile)]
     if args.flops:
         argv.append("--flops")
+    if args.keep_freed_memory:  # the environment does the work; the flag only records it in the row
+        argv.append("--keep-freed-memory")
     return argv
 
 
@@ -168,7 +192,8 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict[str, Any] | None
     with tempfile.TemporaryDirectory(prefix="loha-bench-") as tmp:
         result_file = Path(tmp) / "row.json"
         print(f"[bench] {variant}: starting worker", file=sys.stderr, flush=True)
-        proc = subprocess.run(worker_argv(args, variant, result_file), stdout=sys.stderr, check=False)
+        env = {**os.environ, **(KEEP_FREED_MEMORY_ENV if args.keep_freed_memory else {})}
+        proc = subprocess.run(worker_argv(args, variant, result_file), stdout=sys.stderr, env=env, check=False)
         if proc.returncode != 0 or not result_file.exists():
             print(f"[bench] {variant}: worker failed with exit code {proc.returncode}", file=sys.stderr, flush=True)
             return None
@@ -200,6 +225,20 @@ def check_agreement(rows: list[dict[str, Any]]) -> list[str]:
         if base and abs(first - base[0]) > 1e-4 * max(abs(base[0]), 1e-12):
             problems.append(f"{row['variant']}: first loss {first:.6g} != base loss {base[0]:.6g} (zero-init delta)")
     return problems
+
+
+def contention_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """CPU runs whose steps got clearly less CPU time than threads x wall time shared their cores."""
+    notes = []
+    for row in rows:
+        cfg = row["config"]
+        busy = row["median_cpu_s"] / (cfg["threads"] * row["median_s"])
+        if cfg["device"] == "cpu" and busy < 0.8:
+            notes.append(
+                f"{row['variant']}: its steps used {busy:.0%} of {cfg['threads']} threads x wall time; the cores "
+                "were shared (another process?), so its times are inflated"
+            )
+    return notes
 
 
 def _summary(rows: list[dict[str, Any]], key: str) -> str:
@@ -234,11 +273,12 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 def describe(cfg: dict[str, Any]) -> str:
     te = " + text encoder" if cfg["text_encoder"] else ""
-    ckpt = ", gradient checkpointing" if cfg["gradient_checkpointing"] else ""
+    extras = ", gradient checkpointing" if cfg["gradient_checkpointing"] else ""
+    extras += ", glibc keeps freed memory" if cfg["keep_freed_memory"] else ""
     return (
         f"One {cfg['model']} UNet{te} training step (random weights, {cfg['device']}, {cfg['dtype']}, "
         f"{cfg['threads']} threads, batch {cfg['batch']}, {cfg['latent']}x{cfg['latent']} latents, rank "
-        f"{cfg['rank']}, alpha {cfg['alpha']:g}{ckpt}); median of {cfg['steps']} steps after {cfg['warmup']} warm-up."
+        f"{cfg['rank']}, alpha {cfg['alpha']:g}{extras}); median of {cfg['steps']} steps after {cfg['warmup']} warm-up."
     )
 
 
@@ -255,6 +295,8 @@ def run_parent(args: argparse.Namespace) -> int:
     print(markdown_table(rows))
     for problem in problems:
         print(f"\nWARNING: {problem}")
+    for note in contention_notes(rows):
+        print(f"\nNOTE: {note}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

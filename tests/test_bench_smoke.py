@@ -13,6 +13,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
 ROW_TYPES = {
     "variant": str,
     "median_s": float,
+    "median_cpu_s": float,
     "step_times_s": list,
     "losses": list,
     "peak_mem_bytes": int,
