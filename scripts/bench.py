@@ -56,36 +56,17 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a file, from any directory, without installing the package
     sys.path.insert(0, str(REPO))
 
+from loha_train.reference_configs import SD1  # noqa: E402  (plain dicts, no torch: cheap in the parent)
+
 VARIANTS = ("loha_train", "peft", "peft_lora", "lycoris", "base")
 LOHA_VARIANTS = ("loha_train", "peft", "lycoris")  # must agree on wrapped modules and parameter count
 DTYPES = ("fp32", "bf16", "fp16")
 
-# The public stable-diffusion-v1-5 unet/config.json, written out (diffusers defaults fill the rest).
-SD15_UNET: dict[str, Any] = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": (320, 640, 1280, 1280),
-    "layers_per_block": 2,
-    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "norm_num_groups": 32,
-}
+# The SD1.5 architecture (the public repos' config.json values, shared with single-file loading); the parameter
+# counts below pin it: a config that drifts fails the worker's assertion instead of benchmarking another model.
+SD15_UNET: dict[str, Any] = SD1["unet"]
 SD15_UNET_PARAMS = 859_520_964
-
-# OpenAI CLIP ViT-L/14 text tower, as SD 1.x ships it (text_encoder/config.json).
-CLIP_L_TEXT: dict[str, Any] = {
-    "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "projection_dim": 768,
-}
+CLIP_L_TEXT: dict[str, Any] = SD1["text_encoder"]  # OpenAI CLIP ViT-L/14 text tower
 CLIP_L_TEXT_PARAMS = 123_060_480
 
 # Dotted name suffixes of the adapted Linear/Conv2d modules (diffusers UNet, transformers CLIP text encoder).
@@ -94,6 +75,7 @@ UNET_TARGETS = (
     "conv1", "conv2", "conv_shortcut", "time_emb_proj",
 )  # fmt: skip
 TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
 # glibc returns big freed blocks to the kernel (mmap threshold, heap trimming), so every CPU step page-faults its
 # activations back in: ~600k faults (~2.4 GB zeroed) per SD1.5 step at 32x32 latents. These keep them in the heap.
 KEEP_FREED_MEMORY_ENV = {
