@@ -23,7 +23,7 @@ def tiny_raw(out: Path, **sets: Any) -> dict[str, Any]:
         "network": {"preset": "full", "rank": 4, "alpha": 2},
         "data": {
             "path": "builtin:shapes",
-            "resolution": 64,
+            "resolution": 96,
             "bucket_min_side": 32,
             "bucket_max_side": 128,
             "bucket_step": 32,
@@ -120,7 +120,7 @@ def test_resume_refuses_changed_settings_and_names_them(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"network\.rank: checkpoint has 4, config has 8"):
         run(tmp_path, resume="latest", network__rank=8)
     with pytest.raises(CheckpointError, match=r"data\.resolution"):
-        run(tmp_path, resume="latest", data__resolution=96, data__bucket_max_side=128)
+        run(tmp_path, resume="latest", data__resolution=64)
 
 
 def test_finished_output_folder_is_not_overwritten(tmp_path: Path) -> None:
