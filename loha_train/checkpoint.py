@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
@@ -19,6 +22,7 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "train_state.json"
 ADAPTER_FILE = "adapter.safetensors"
 _NAME = re.compile(r"^step-(\d{6,})$")
+_LEFTOVER = re.compile(r"^\.step-\d{6,}\.(tmp|deleting)$")  # what a kill during a save or a rotation leaves
 
 
 class CheckpointError(Exception):
@@ -42,10 +46,20 @@ class TrainState:
 
     @classmethod
     def read(cls, path: Path) -> TrainState:
+        """The state saved in checkpoint folder `path`; CheckpointError if unreadable or from another version."""
         try:
             raw = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+            version = raw.get("version")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"Checkpoint {path} is unreadable ({exc}); pick another one.") from exc
+        if version != __version__:  # checked first: another version may store other fields
+            raise CheckpointError(
+                f"Checkpoint {path} was written by loha-train {version}; this is {__version__}. Resume it with "
+                "that version, or start a new run (init from its adapter with network.init_from)."
+            )
+        try:
             return cls(**raw)
-        except (OSError, ValueError, TypeError) as exc:
+        except TypeError as exc:
             raise CheckpointError(f"Checkpoint {path} is unreadable ({exc}); pick another one.") from exc
 
 
@@ -70,9 +84,11 @@ def resolve_resume(output_dir: Path, which: str) -> Path:
     if which == "latest":
         found = list_checkpoints(output_dir)
         if not found:
+            partial = _leftovers(output_dir)
             raise CheckpointError(
-                f"--resume latest: no complete checkpoint under {Path(output_dir) / CHECKPOINTS}. "
-                "Checkpoints are written every train.save_every_steps steps and when a run is interrupted."
+                f"--resume latest: no complete checkpoint under {Path(output_dir) / CHECKPOINTS}"
+                + (f" (only {partial[0].name}, left incomplete by a run that was killed)" if partial else "")
+                + ". Checkpoints are written every train.save_every_steps steps and when a run is interrupted."
             )
         return found[-1][1]
     path = Path(which)
@@ -104,13 +120,15 @@ def register_adapter_hooks(accelerator: Any, network: LoHaNetwork) -> None:
 def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState, keep_last: int) -> Path:
     """Write a checkpoint into a temporary folder and rename it into place, then drop old ones.
 
-    A kill at any moment leaves either the previous set of checkpoints or the new one complete; a
-    failure (a full disk) removes the partial folder and re-raises, so nothing good is replaced.
+    A kill at any moment leaves either the previous set of checkpoints or the new one complete (plus a hidden
+    partial folder, which list_checkpoints ignores and the next save removes). A failed write removes the partial
+    folder and raises OSError(ENOSPC) for a full disk, CheckpointError otherwise; nothing good is replaced.
     """
     final = checkpoint_path(output_dir, state.step)
     tmp = final.with_name(f".{final.name}.tmp")
     if accelerator.is_main_process:
-        _remove(tmp)
+        for leftover in _leftovers(output_dir):
+            _remove(leftover)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     try:
@@ -125,6 +143,11 @@ def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState, keep_
             os.replace(tmp, final)
             _fsync_dir(final.parent)
             rotate_checkpoints(output_dir, keep_last)
+    except (OSError, RuntimeError, SafetensorError) as exc:  # torch.save reports a full disk as a RuntimeError
+        full = accelerator.is_main_process and _disk_full(exc, tmp)
+        if accelerator.is_main_process:
+            _remove(tmp)
+        raise _write_error(final, exc, full) from exc
     except BaseException:
         if accelerator.is_main_process:
             _remove(tmp)
@@ -133,13 +156,44 @@ def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState, keep_
     return final
 
 
+def _disk_full(exc: BaseException, where: Path) -> bool:
+    """Whether a failed write ran out of space: by errno, by message (safetensors), or by the free space left."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(cause) or "Disk quota exceeded" in str(cause):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    try:
+        return shutil.disk_usage(where).free < 1 << 20
+    except OSError:
+        return False
+
+
+def _write_error(final: Path, exc: BaseException, disk_full: bool) -> Exception:
+    if disk_full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(final))
+    reason = (str(exc).strip().splitlines() or [""])[0]
+    return CheckpointError(
+        f"Could not write checkpoint {final} ({type(exc).__name__}: {reason}). The partial checkpoint was removed; "
+        "the checkpoints written before are intact."
+    )
+
+
 def load_checkpoint(accelerator: Any, path: Path) -> TrainState:
     """Restore adapter, optimizer, scheduler, grad scaler and RNG states; return the saved TrainState."""
     state = TrainState.read(path)
     try:
-        accelerator.load_state(str(path))
-    except (OSError, RuntimeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"Checkpoint {path} could not be loaded: {exc}") from exc
+        accelerator.load_state(str(path))  # torch.load(weights_only=True) for its .bin/.pkl files: no code runs
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"Checkpoint {path} holds a state file with Python objects besides tensors; loha-train never unpickles "
+            "those (that could run arbitrary code). Was the folder modified? Resume from another checkpoint."
+        ) from exc
+    except (OSError, RuntimeError, ValueError, KeyError, EOFError, SafetensorError) as exc:
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"Checkpoint {path} could not be loaded ({type(exc).__name__}: {reason})") from exc
     return state
 
 
@@ -159,6 +213,12 @@ def settings_differences(saved: dict[str, Any], current: dict[str, Any]) -> list
         for k in keys
         if saved.get(k) != current.get(k)
     ]
+
+
+def _leftovers(output_dir: Path) -> list[Path]:
+    """Hidden partial folders of checkpoints being written or deleted when a run was killed."""
+    root = Path(output_dir) / CHECKPOINTS
+    return sorted(p for p in root.iterdir() if _LEFTOVER.match(p.name)) if root.is_dir() else []
 
 
 def _remove(path: Path) -> None:
