@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import logging
@@ -119,9 +120,11 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `<path>.tmp-<pid>` in the same folder, fsync it, then rename it over `path`.
 
     A crash leaves either the old file or the new one at `path`, never a mix; the temporary file is removed
-    when anything fails.
+    when anything fails, and one left by a killed process is removed by the next write of `path`. An OSError
+    (a full disk) names `path`.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -129,9 +132,34 @@ def write_atomic(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         _publish(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete `<path>.tmp-<pid>` files whose writer is gone (killed mid-write); live writers' files stay."""
+    for tmp in path.parent.glob(f"{glob.escape(path.name)}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours: a leftover of an earlier failed write in this process
+    if os.name == "nt":
+        return True  # os.kill(pid, 0) would terminate the process on Windows; keep the file
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _publish(tmp: Path, path: Path) -> None:
