@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -38,8 +41,11 @@ class MetricsLog:
             return
         for key, value in values.items():
             self._writer.add_scalar(key, value, step)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+        try:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+        except OSError as e:  # a full disk: say which file (a torn last line is dropped when the run resumes)
+            raise OSError(e.errno, e.strerror or str(e), str(self.path)) from e
 
     def image(self, tag: str, image: Image.Image, step: int) -> None:
         if self.enabled:
@@ -52,9 +58,19 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The logged rows; a line that does not parse (torn by a kill or a full disk while appending) is skipped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            row = None
+            logger.warning("%s:%d: skipping a torn line (the run was killed while writing it)", path, number)
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows
 
 
 def _truncate_after(path: Path, step: int) -> None:
@@ -90,8 +106,12 @@ def loss_curve_png(metrics_path: Path, out_path: Path, key: str = "loss", size: 
         draw.text((right - 70, bottom + 8), f"step {s1}", fill="black")
     draw.text((left + 5, top + 5), f"training {key}", fill="black")
     tmp = out_path.with_name(f".{out_path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, out_path)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, out_path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror or str(e), str(out_path)) from e
     return out_path
 
 

@@ -125,6 +125,11 @@ def save_samples(images: Sequence[Image.Image], folder: Path, step: int) -> Path
 
 
 def save_png(image: Image.Image, path: Path) -> None:
+    """Write through a hidden temporary file and rename: a full disk or a kill never leaves a torn PNG at `path`."""
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
