@@ -80,7 +80,13 @@ def build_data(cfg: Config, bundle: ModelBundle, accelerator: Any, *, encode: bo
         num_replicas=accelerator.num_processes,
         rank=accelerator.process_index,
     )
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=data.collate, num_workers=data_cfg.num_workers)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=data.collate,
+        num_workers=data_cfg.num_workers,
+        worker_init_fn=data.ignore_stop_signals,
+    )
     summary = (
         f"{len(index.train)} images ({index.layout} layout), {len(index.reg)} regularization, "
         f"{len(index.validation)} validation; {len(set(dataset.buckets))} bucket(s); "

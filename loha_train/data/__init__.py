@@ -29,7 +29,7 @@ from loha_train.data.caches import (
 from loha_train.data.captions import caption_rng, captions_vary, process_caption
 from loha_train.data.check import CheckReport, check_images, read_image_size
 from loha_train.data.common import DataError, Problem, derive_rng
-from loha_train.data.dataset import ImageDataset, collate, plan_crops
+from loha_train.data.dataset import ImageDataset, collate, ignore_stop_signals, plan_crops
 from loha_train.data.sampler import BucketBatchSampler, SampleRef
 from loha_train.data.scan import DatasetIndex, ImageItem, scan_dataset, split_validation
 from loha_train.data.stats import bucket_info, dataset_fingerprint, tag_frequencies
@@ -59,6 +59,7 @@ __all__ = [
     "default_cache_dir",
     "derive_rng",
     "fixed_captions",
+    "ignore_stop_signals",
     "load_pixels",
     "plan_crop",
     "plan_crops",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Sequence
 from typing import Any
 
@@ -120,3 +121,10 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         names = samples[0]["text_embeddings"]
         batch["text_embeddings"] = {n: torch.stack([s["text_embeddings"][n] for s in samples]) for n in names}
     return batch
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: Ctrl-C reaches the whole process group, but only the main process decides
+    when to stop (after a checkpoint); a worker stops when the main process ends or shuts it down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
