@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as LF
+from .kernels import FusedLoHaConv, FusedLoHaConvCP, FusedLoHaLinear
 
 ADAPTER_SUFFIXES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha")
 
@@ -69,13 +70,26 @@ class LoHaModule(nn.Module):
             setattr(self, name, nn.Parameter(torch.empty(shape, device=device)))
             setattr(self, name.replace("w1", "w2"), nn.Parameter(torch.empty(shape, device=device)))
 
+    # The fused single-node kernels (kernels.py) are the default; the plain-autograd path (adapter_forward) is the
+    # reference they are tested against, and the fallback when the base weight itself is trained.
+    fused: bool = True
+
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base(x)
         if self.merged or self.multiplier == 0:
-            return y
+            return self.base(x)
         if self.training and self.module_dropout > 0 and float(torch.rand(())) < self.module_dropout:
-            return y
-        return y + self.adapter_forward(x, self._row_scale(x.device))
+            return self.base(x)
+        row_scale = self._row_scale(x.device)
+        if self.fused and not self.base.weight.requires_grad and self._fusable():
+            return self.fused_forward(x, row_scale)
+        return self.base(x) + self.adapter_forward(x, row_scale)
+
+    def _fusable(self) -> bool:
+        return True
+
+    def fused_forward(self, x: Tensor, row_scale: Tensor) -> Tensor:
+        """base(x) + the adapter in one autograd node (kernels.py)."""
+        raise NotImplementedError
 
     def _row_scale(self, device: torch.device) -> Tensor:
         """scale * multiplier (a 0-dim tensor: no device sync), times a rank-dropout row mask in training."""
@@ -127,6 +141,12 @@ class LoHaLinear(LoHaModule):
     def adapter_forward(self, x: Tensor, row_scale: Tensor) -> Tensor:
         return LF.factored_linear(x, self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, row_scale)
 
+    def fused_forward(self, x: Tensor, row_scale: Tensor) -> Tensor:
+        base = self.base
+        return FusedLoHaLinear.apply(
+            x, base.weight, base.bias, self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, row_scale
+        )
+
     def delta_weight(self) -> Tensor:
         return LF.delta_weight(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, self._scale_t())
 
@@ -171,6 +191,21 @@ class LoHaConv2d(LoHaModule):
             x, self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, row_scale,
             conv.kernel_size, conv.stride, conv.padding, conv.dilation,
         )  # fmt: skip
+
+    def _fusable(self) -> bool:
+        return not isinstance(self.base.padding, str)  # "same"/"valid": the reference path handles them
+
+    def fused_forward(self, x: Tensor, row_scale: Tensor) -> Tensor:
+        conv = self.base
+        args = (list(conv.stride), list(conv.padding), list(conv.dilation))
+        if self._cp:
+            return FusedLoHaConvCP.apply(
+                x, conv.weight, conv.bias, self.hada_t1, self.hada_w1_a, self.hada_w1_b,
+                self.hada_t2, self.hada_w2_a, self.hada_w2_b, row_scale, args,
+            )  # fmt: skip
+        return FusedLoHaConv.apply(
+            x, conv.weight, conv.bias, self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, row_scale, args
+        )
 
     def delta_weight(self) -> Tensor:
         if self._cp:

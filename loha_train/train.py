@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -104,9 +105,13 @@ def train(
         step, epoch, extra = state.step, state.epoch, dict(state.extra)
         batch_in_epoch = _rescale_position(state, accelerator.num_processes, plan)
     if main:
+        if overwrite and resume_from is None:
+            _start_over(paths)
         paths.root.mkdir(parents=True, exist_ok=True)
         _write_atomic(paths.config, dump_config(cfg))
     log = MetricsLog(paths.logs, start_step=step, enabled=main)
+    if step == 0 and data.problems:
+        log.scalars(0, {"skipped_bad_files": data.problems})  # data.skip_bad_images: the count stays in the run log
     meta = provenance(cfg, bundle, data, plan, network)
 
     def save_checkpoint() -> Path:
@@ -207,6 +212,10 @@ def train(
 
 def _check_output_folder(paths: OutputPaths, resume: str | None, overwrite: bool) -> Path | None:
     """Refuse to clobber a finished or started run; return the checkpoint to resume from, if any."""
+    if resume is not None and overwrite:
+        raise TrainingError(
+            f"--resume continues the run in {paths.root} and --overwrite starts a new one there; pass only one."
+        )
     if resume is not None:
         return checkpoint.resolve_resume(paths.root, resume)
     started = checkpoint.list_checkpoints(paths.root)
@@ -215,20 +224,20 @@ def _check_output_folder(paths: OutputPaths, resume: str | None, overwrite: bool
     what = f"a finished run ({paths.adapter.name})" if paths.adapter.exists() else f"{len(started)} checkpoint(s)"
     raise TrainingError(
         f"The output folder {paths.root} already holds {what}. Use `--resume latest` to continue it, "
-        "`--overwrite` to start a new run there (files of the old run with the same names are replaced), "
-        "or choose another output.dir."
+        "`--overwrite` to start a new run there (the old run's checkpoints and logs are deleted when it starts; "
+        "its adapters and samples are replaced as the new run writes them), or choose another output.dir."
     )
 
 
-def _resume(accelerator: Any, path: Path, settings: dict[str, Any]) -> TrainState:
-    saved = TrainState.read(path)
-    from . import __version__
+def _start_over(paths: OutputPaths) -> None:
+    """--overwrite: delete the old run's checkpoints and logs, so `--resume latest` and the logs see only this run."""
+    for folder in (paths.checkpoints, paths.logs):
+        if folder.exists():
+            shutil.rmtree(folder)
 
-    if saved.version != __version__:
-        raise CheckpointError(
-            f"Checkpoint {path} was written by loha-train {saved.version}; this is {__version__}. "
-            "Resume it with that version, or start a new run (init from its adapter with network.init_from)."
-        )
+
+def _resume(accelerator: Any, path: Path, settings: dict[str, Any]) -> TrainState:
+    saved = TrainState.read(path)  # refuses a checkpoint of another loha-train version
     changed = checkpoint.settings_differences(saved.settings, settings)
     if changed:
         raise CheckpointError(
@@ -263,9 +272,9 @@ def _non_finite(
         else ("no checkpoint was written yet")
     )
     raise TrainingError(
-        f"The loss became {value} at step {step + 1}; training stopped and {where}. Lower train.lr, raise "
-        "train.max_grad_norm protection, check mixed precision (fp16 overflows more easily than bf16), or set "
-        "train.nan_policy: skip to skip such steps."
+        f"The loss became {value} at step {step + 1}; training stopped and {where}. Lower train.lr, clip "
+        "gradients (train.max_grad_norm > 0), prefer bf16 to fp16 mixed precision, or set train.nan_policy: skip "
+        "to skip such steps; then `--resume latest` continues from the last checkpoint."
     )
 
 

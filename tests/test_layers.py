@@ -194,3 +194,59 @@ def test_bad_layers_are_refused():
         LoHaLinear(nn.Linear(4, 4), 2, 0.0)
     with pytest.raises(TypeError):
         wrap_layer(nn.LayerNorm(4), 2, 1.0)
+
+
+@pytest.mark.parametrize(("name", "base", "x", "kw"), LAYERS, ids=IDS)
+def test_fused_kernel_equals_plain_autograd_reference(name, base, x, kw):
+    """The fused single-node forward/backward (the default) against plain autograd over the same maths."""
+    layer = _randomize(_wrap(base, rank_dropout=0.3, **kw)).train()
+    x = x.clone().requires_grad_()
+    params = list(layer.parameters(recurse=False))
+    results = []
+    for fused in (True, False):
+        layer.fused = fused
+        torch.manual_seed(7)  # the same rank-dropout mask for both
+        out = layer(x)
+        grads = torch.autograd.grad(out.square().sum(), [x, *params])
+        results.append((out, grads))
+    (out_f, grads_f), (out_r, grads_r) = results
+    torch.testing.assert_close(out_f, out_r, rtol=1e-12, atol=1e-12)
+    for gf, gr in zip(grads_f, grads_r, strict=True):
+        torch.testing.assert_close(gf, gr, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv-cp"])
+def test_fused_kernels_pass_gradcheck(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer, x = _wrap(nn.Linear(4, 3).double(), rank=2), torch.randn(2, 4, dtype=torch.float64)
+    else:
+        conv = nn.Conv2d(3, 2, 3, stride=2, padding=1).double()
+        layer, x = _wrap(conv, rank=2, use_cp=kind == "conv-cp"), torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    _randomize(layer)
+    params = list(layer.parameters(recurse=False))
+
+    names = [n for n, _ in layer.named_parameters(recurse=False)]
+
+    def functional(x_, *ps):  # the factors as explicit inputs, so gradcheck perturbs them too
+        return torch.func.functional_call(layer, dict(zip(names, ps, strict=True)), (x_,))
+
+    inputs = (x.requires_grad_(), *(p.detach().clone().requires_grad_() for p in params))
+    assert torch.autograd.gradcheck(functional, inputs)
+
+
+def test_fused_kernel_under_bf16_autocast_matches_reference():
+    torch.manual_seed(0)
+    for base, x in ((nn.Linear(16, 8), torch.randn(4, 16)), (nn.Conv2d(8, 6, 3, padding=1), torch.randn(2, 8, 6, 6))):
+        layer = _randomize(wrap_layer(base, 4, 2.0))
+        outs = []
+        for fused in (True, False):
+            layer.fused = fused
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = layer(x.clone().requires_grad_())
+            assert out.dtype == torch.bfloat16
+            out.float().sum().backward()
+            outs.append((out.float(), layer.hada_w1_a.grad.clone()))
+            layer.zero_grad()
+        torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0.05, atol=0.05)
+        torch.testing.assert_close(outs[0][1], outs[1][1], rtol=0.1, atol=0.1)

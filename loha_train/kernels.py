@@ -1,0 +1,221 @@
+"""Fused base + LoHa layers: one autograd node per layer, the rank-r^2 path, factor gradients in closed form."""
+
+# Each Function computes base(x) + x DeltaW^T (or the conv analogue) without ever forming DeltaW: the adapter
+# runs through r^2 channels, U = KR(w1_a, w2_a) and V = KR(w1_b, w2_b) (row/column-wise Khatri-Rao products).
+# Compared with plain autograd over the same maths this saves the broadcast graph of the Khatri-Rao products
+# (a dozen small ops per layer forward and backward), adds the adapter output into the base output in place,
+# and accumulates the input gradient into one buffer. Saved for backward: the layer input and the r^2-channel
+# intermediates only, never a weight-sized tensor. Autocast is honoured by computing in the autocast dtype
+# inside the node (backward re-enters that dtype explicitly, since autocast is off during backward).
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .functional import cp_core, khatri_rao_cols, khatri_rao_rows
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the base layer would compute in: the autocast dtype when autocast is on, else x's."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def _column(row_scale: Tensor) -> Tensor:
+    return row_scale.reshape(-1, 1) if row_scale.dim() == 1 else row_scale
+
+
+def _kr_rows_grad(grad: Tensor, a: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of KR_rows(a, c) = [a_i * c_j] (n, r*s) given grad (n, r*s)."""
+    g3 = grad.reshape(a.shape[0], a.shape[1], c.shape[1])
+    return torch.einsum("pij,pj->pi", g3, c), torch.einsum("pij,pi->pj", g3, a)
+
+
+def _kr_cols_grad(grad: Tensor, b: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of KR_cols(b, d) = [b_i * d_j] (r*s, m) given grad (r*s, m)."""
+    g3 = grad.reshape(b.shape[0], d.shape[0], b.shape[1])
+    return torch.einsum("ijq,jq->iq", g3, d), torch.einsum("ijq,iq->jq", g3, b)
+
+
+def _cp_core_grad(grad: Tensor, t1: Tensor, t2: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of cp_core(t1, t2)[(i,a), (j,b)] = t1[i, j] * t2[a, b] (per kernel position)."""
+    r1, r2 = t1.shape[0], t2.shape[0]
+    g6 = grad.reshape(r1, r2, t1.shape[1], t2.shape[1], *t1.shape[2:])
+    return torch.einsum("iajbkl,abkl->ijkl", g6, t2), torch.einsum("iajbkl,ijkl->abkl", g6, t1)
+
+
+class _NoAutocast:
+    """Run a block with autocast off for x's device (the node already picked its dtype)."""
+
+    def __init__(self, device_type: str) -> None:
+        self._ctx = torch.autocast(device_type=device_type, enabled=False)
+
+    def __enter__(self) -> None:
+        self._ctx.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._ctx.__exit__(*exc)
+
+
+class FusedLoHaLinear(torch.autograd.Function):
+    """y = x W^T + b + ((x V^T) U^T), U = KR(w1a, w2a) * row_scale, V = KR(w1b, w2b)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, w1a: Tensor, w1b: Tensor, w2a: Tensor,
+        w2b: Tensor, row_scale: Tensor,
+    ) -> Tensor:  # fmt: skip
+        dt = compute_dtype(x)
+        with _NoAutocast(x.device.type):
+            x2 = x.reshape(-1, x.shape[-1]).to(dt)
+            u = (khatri_rao_rows(w1a, w2a) * _column(row_scale)).to(dt)
+            v = khatri_rao_cols(w1b, w2b).to(dt)
+            w = weight.to(dt)
+            h = x2 @ v.T
+            y = torch.addmm(bias.to(dt), x2, w.T) if bias is not None else x2 @ w.T
+            y.addmm_(h, u.T)
+        ctx.save_for_backward(x2, h, weight, w1a, w1b, w2a, w2b, row_scale)
+        ctx.dt, ctx.x_shape, ctx.x_dtype = dt, x.shape, x.dtype
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x2, h, weight, w1a, w1b, w2a, w2b, row_scale = ctx.saved_tensors
+        dt = ctx.dt
+        with _NoAutocast(grad.device.type):
+            g2 = grad.reshape(-1, weight.shape[0]).to(dt)
+            scale = _column(row_scale)
+            u = (khatri_rao_rows(w1a, w2a) * scale).to(dt)
+            v = khatri_rao_cols(w1b, w2b).to(dt)
+            gh = g2 @ u
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = (g2 @ weight.to(dt)).addmm_(gh, v).reshape(ctx.x_shape).to(ctx.x_dtype)
+            grad_w1a, grad_w2a = _kr_rows_grad((g2.T @ h).to(w1a.dtype) * scale, w1a, w2a)
+            grad_w1b, grad_w2b = _kr_cols_grad((gh.T @ x2).to(w1b.dtype), w1b, w2b)
+        return grad_x, None, None, grad_w1a, grad_w1b, grad_w2a, grad_w2b, None
+
+
+def _conv_args(conv: Any) -> tuple[list[int], list[int], list[int]]:
+    return list(conv.stride), list(conv.padding), list(conv.dilation)
+
+
+def _conv_input_grad(grad: Tensor, x: Tensor, weight: Tensor, args: tuple[list[int], ...]) -> Tensor:
+    stride, padding, dilation = args
+    return torch.ops.aten.convolution_backward(
+        grad, x, weight, None, stride, padding, dilation, False, [0, 0], 1, [True, False, False]
+    )[0]
+
+
+def _conv_grads(grad: Tensor, x: Tensor, weight: Tensor, args: tuple[list[int], ...], need_x: bool) -> tuple:
+    stride, padding, dilation = args
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad, x, weight, None, stride, padding, dilation, False, [0, 0], 1, [need_x, True, False]
+    )
+    return grad_x, grad_w
+
+
+def _pointwise(m: Tensor, h: Tensor) -> Tensor:
+    """A 1x1 conv as a batched matmul: m (out, c), h (B, c, H, W) -> (B, out, H, W)."""
+    b, _, hh, ww = h.shape
+    return torch.matmul(m, h.reshape(b, h.shape[1], hh * ww)).reshape(b, m.shape[0], hh, ww)
+
+
+def _pointwise_weight_grad(g: Tensor, h: Tensor) -> Tensor:
+    """Gradient of the 1x1 conv's matrix: sum over batch and pixels of g (B, out, .) h (B, c, .)^T -> (out, c)."""
+    b = g.shape[0]
+    return torch.einsum("bon,bcn->oc", g.reshape(b, g.shape[1], -1), h.reshape(b, h.shape[1], -1))
+
+
+class FusedLoHaConv(torch.autograd.Function):
+    """Plain LoHa conv: y = conv(x, W) + b + U * conv(x, V4), V4 = KR(w1b, w2b) as (r^2, in, kh, kw), U 1x1."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, w1a: Tensor, w1b: Tensor, w2a: Tensor,
+        w2b: Tensor, row_scale: Tensor, args: tuple[list[int], list[int], list[int]],
+    ) -> Tensor:  # fmt: skip
+        dt = compute_dtype(x)
+        stride, padding, dilation = args
+        with _NoAutocast(x.device.type):
+            xc = x.to(dt)
+            u = (khatri_rao_rows(w1a, w2a) * _column(row_scale)).to(dt)
+            v4 = khatri_rao_cols(w1b, w2b).reshape(u.shape[1], -1, *weight.shape[2:]).to(dt)
+            y = torch.conv2d(xc, weight.to(dt), None if bias is None else bias.to(dt), stride, padding, dilation)
+            h = torch.conv2d(xc, v4, None, stride, padding, dilation)
+            y.add_(_pointwise(u, h))
+        ctx.save_for_backward(xc, h, weight, w1a, w1b, w2a, w2b, row_scale)
+        ctx.dt, ctx.args, ctx.x_dtype = dt, args, x.dtype
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        xc, h, weight, w1a, w1b, w2a, w2b, row_scale = ctx.saved_tensors
+        dt, args = ctx.dt, ctx.args
+        need_x = ctx.needs_input_grad[0]
+        with _NoAutocast(grad.device.type):
+            g = grad.to(dt)
+            scale = _column(row_scale)
+            u = (khatri_rao_rows(w1a, w2a) * scale).to(dt)
+            v4 = khatri_rao_cols(w1b, w2b).reshape(u.shape[1], -1, *weight.shape[2:]).to(dt)
+            gh = _pointwise(u.T.contiguous(), g)
+            grad_x, grad_v4 = _conv_grads(gh, xc, v4, args, need_x)
+            if need_x:
+                grad_x = grad_x.add_(_conv_input_grad(g, xc, weight.to(dt), args)).to(ctx.x_dtype)
+            grad_w1a, grad_w2a = _kr_rows_grad(_pointwise_weight_grad(g, h).to(w1a.dtype) * scale, w1a, w2a)
+            grad_w1b, grad_w2b = _kr_cols_grad(grad_v4.reshape(u.shape[1], -1).to(w1b.dtype), w1b, w2b)
+        return grad_x, None, None, grad_w1a, grad_w1b, grad_w2a, grad_w2b, None, None
+
+
+class FusedLoHaConvCP(torch.autograd.Function):
+    """CP LoHa conv: y = conv(x, W) + b + A * core(B * x): 1x1 (in -> r^2), k x k core (r^2 -> r^2), 1x1 (-> out)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, t1: Tensor, w1a: Tensor, w1b: Tensor,
+        t2: Tensor, w2a: Tensor, w2b: Tensor, row_scale: Tensor, args: tuple[list[int], list[int], list[int]],
+    ) -> Tensor:  # fmt: skip
+        dt = compute_dtype(x)
+        stride, padding, dilation = args
+        with _NoAutocast(x.device.type):
+            xc = x.to(dt)
+            a = (khatri_rao_rows(w1a.T, w2a.T) * _column(row_scale)).to(dt)
+            b = khatri_rao_cols(w1b, w2b).to(dt)
+            core = cp_core(t1, t2).to(dt)
+            y = torch.conv2d(xc, weight.to(dt), None if bias is None else bias.to(dt), stride, padding, dilation)
+            h1 = _pointwise(b, xc)
+            h2 = torch.conv2d(h1, core, None, stride, padding, dilation)
+            y.add_(_pointwise(a, h2))
+        ctx.save_for_backward(xc, h1, h2, weight, t1, w1a, w1b, t2, w2a, w2b, row_scale)
+        ctx.dt, ctx.args, ctx.x_dtype = dt, args, x.dtype
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        xc, h1, h2, weight, t1, w1a, w1b, t2, w2a, w2b, row_scale = ctx.saved_tensors
+        dt, args = ctx.dt, ctx.args
+        with _NoAutocast(grad.device.type):
+            g = grad.to(dt)
+            scale = _column(row_scale)
+            a = (khatri_rao_rows(w1a.T, w2a.T) * scale).to(dt)
+            b = khatri_rao_cols(w1b, w2b).to(dt)
+            core = cp_core(t1, t2).to(dt)
+            gh2 = _pointwise(a.T.contiguous(), g)
+            gh1, grad_core = _conv_grads(gh2, h1, core, args, need_x=True)
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = _pointwise(b.T.contiguous(), gh1)
+                grad_x = grad_x.add_(_conv_input_grad(g, xc, weight.to(dt), args)).to(ctx.x_dtype)
+            ga1, ga2 = _kr_rows_grad(_pointwise_weight_grad(g, h2).to(w1a.dtype) * scale, w1a.T, w2a.T)
+            grad_w1b, grad_w2b = _kr_cols_grad(_pointwise_weight_grad(gh1, xc).to(w1b.dtype), w1b, w2b)
+            grad_t1, grad_t2 = _cp_core_grad(grad_core.to(t1.dtype), t1, t2)
+        return grad_x, None, None, grad_t1, ga1.T, grad_w1b, grad_t2, ga2.T, grad_w2b, None, None
