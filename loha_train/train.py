@@ -267,14 +267,15 @@ def _non_finite(
         optimizer.zero_grad(set_to_none=True)
         return
     where = (
-        f"the last good checkpoint is {checkpoint.checkpoint_path(paths.root, last)}"
+        f"the last good checkpoint is {checkpoint.checkpoint_path(paths.root, last)} (continue from it with "
+        "`--resume latest` after the change)"
         if last >= 0
-        else ("no checkpoint was written yet")
+        else "no checkpoint was written yet"
     )
     raise TrainingError(
         f"The loss became {value} at step {step + 1}; training stopped and {where}. Lower train.lr, clip "
         "gradients (train.max_grad_norm > 0), prefer bf16 to fp16 mixed precision, or set train.nan_policy: skip "
-        "to skip such steps; then `--resume latest` continues from the last checkpoint."
+        "to skip such steps."
     )
 
 
