@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import errno
 import json
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -142,15 +144,18 @@ def _cmd_train(argv: Sequence[str]) -> int:
     from .train import Interrupted, train
 
     check_optimizer_available(cfg.train.optimizer)
+    _keep_freed_memory()
     try:
         adapter = train(cfg, resume=args.resume, overwrite=args.overwrite, dry_run=args.dry_run)
     except Interrupted as stop:
         where = f"a checkpoint was written to {stop.path}" if stop.path else "no checkpoint was written"
-        print(
-            f"loha-train: stopped at step {stop.step} ({stop}); {where}. Resume with:\n"
-            f"  loha-train {' '.join(argv_for_resume(argv))} --resume latest",
-            file=sys.stderr,
-        )
+        launcher = "accelerate launch [your options] -m loha_train" if _world_size() > 1 else "loha-train"
+        if _rank() == 0:
+            print(
+                f"loha-train: stopped at step {stop.step} ({stop}); {where}. Resume with:\n"
+                f"  {launcher} {' '.join(argv_for_resume(argv))} --resume latest",
+                file=sys.stderr,
+            )
         return 128 + stop.signum
     except OSError as e:
         if e.errno != errno.ENOSPC:
@@ -162,9 +167,36 @@ def _cmd_train(argv: Sequence[str]) -> int:
             file=sys.stderr,
         )
         return 1
-    if adapter is not None:
+    if adapter is not None and _rank() == 0:
         print(f"wrote {adapter}")
     return 0
+
+
+def _rank() -> int:
+    """This process's global rank under `accelerate launch`/torchrun; 0 for a plain run."""
+    return int(os.environ.get("RANK") or 0)
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE") or 1)
+
+
+def _keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory instead of returning it to the kernel after every step.
+
+    Each training step frees and reallocates the same activations; by default glibc hands large blocks back to
+    the kernel and page-faults them in again, which measured 25-30% of an SD1.5 CPU step. Peak memory is the
+    same. Best effort: a no-op where libc has no mallopt (musl, macOS, Windows).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's largest allowed threshold
+    mallopt(m_trim_threshold, 2**31 - 1)
+    mallopt(m_top_pad, 2**28)
 
 
 def argv_for_resume(argv: Sequence[str]) -> list[str]:
@@ -192,7 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE, file=sys.stdout if args else sys.stderr)
         return 0 if args else 2
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s: %(message)s")
+    # under a multi-process launch the other ranks would repeat rank 0's warnings; they still report errors
+    level = logging.WARNING if _rank() == 0 else logging.ERROR
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s: %(message)s")
     command = SUBCOMMANDS.get(args[0])
     try:
         if command is None:
