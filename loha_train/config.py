@@ -261,16 +261,27 @@ def _absolute_paths(sections: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _path_problems(sections: Mapping[str, Any]) -> Iterator[ConfigProblem]:
+def _path_problems(sections: Mapping[str, Any], raw: Mapping[str, Any]) -> Iterator[ConfigProblem]:
     for key in _INPUT_PATHS + _OUTPUT_PATHS:
         section, name = key.split(".")
-        value = getattr(sections[section], name, None) if sections[section] is not INVALID else None
+        value = _path_value(sections[section], raw.get(section), name)
         if value is None or value.startswith(BUILTIN_PREFIX):
             continue
         if key in _INPUT_PATHS and not os.path.exists(value):
             yield ConfigProblem(key, f"does not exist: {value}")
         elif key in _OUTPUT_PATHS and os.path.isfile(value):
             yield ConfigProblem(key, f"is a file, not a folder: {value}")
+
+
+def _path_value(section: Any, raw_section: Any, name: str) -> str | None:
+    """The path `name` of a built section; of an invalid one (another field is wrong), the path as written, so
+    that a wrong path is reported together with the section's other mistakes."""
+    if section is not INVALID:
+        return getattr(section, name, None)
+    value = raw_section.get(name) if isinstance(raw_section, Mapping) else None
+    if not isinstance(value, str) or value.startswith(BUILTIN_PREFIX):
+        return None
+    return os.path.abspath(os.path.expanduser(value))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -304,7 +315,7 @@ def config_from_dict(
     sections = _absolute_paths(builder.build_fields(Config, raw))
     problems = builder.problems
     if check_paths:
-        problems.extend(_path_problems(sections))
+        problems.extend(_path_problems(sections, raw))
     problems.extend(rule_problems(sections))
     if problems:
         raise ConfigError(problems, source)
