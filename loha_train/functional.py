@@ -50,12 +50,12 @@ class _HadaWeightCP(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         t1, w1a, w1b, t2, w2a, w2b, scale = ctx.saved_tensors
         grad = grad * scale
-        grads_1 = _cp_factor_grads(grad * rebuild_cp(t2, w2a, w2b), t1, w1a, w1b)
-        grads_2 = _cp_factor_grads(grad * rebuild_cp(t1, w1a, w1b), t2, w2a, w2b)
+        grads_1 = cp_factor_grads(grad * rebuild_cp(t2, w2a, w2b), t1, w1a, w1b)
+        grads_2 = cp_factor_grads(grad * rebuild_cp(t1, w1a, w1b), t2, w2a, w2b)
         return (*grads_1, *grads_2, None)
 
 
-def _cp_factor_grads(g: Tensor, t: Tensor, wa: Tensor, wb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def cp_factor_grads(g: Tensor, t: Tensor, wa: Tensor, wb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of <g, rebuild_cp(t, wa, wb)> with respect to t, wa and wb; g is (out, in, kh, kw)."""
     g_a = torch.einsum("pqkl,ip->iqkl", g, wa)  # contract out with wa: (r, in, kh, kw)
     grad_t = torch.einsum("iqkl,jq->ijkl", g_a, wb)

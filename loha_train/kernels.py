@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import functional as LF
 from .functional import cp_core, khatri_rao_cols, khatri_rao_rows
 
 
@@ -219,3 +220,83 @@ class FusedLoHaConvCP(torch.autograd.Function):
             grad_w1b, grad_w2b = _kr_cols_grad(_pointwise_weight_grad(gh1, xc).to(w1b.dtype), w1b, w2b)
             grad_t1, grad_t2 = _cp_core_grad(grad_core.to(t1.dtype), t1, t2)
         return grad_x, None, None, grad_t1, ga1.T, grad_w1b, grad_t2, ga2.T, grad_w2b, None, None
+
+
+# --- The merged form: one op on W + DeltaW ----------------------------------------------------------------------
+# When a layer sees many tokens per weight element (small channels, large images, high rank), building DeltaW once
+# and running a single GEMM/conv on the merged weight is cheaper than the rank-r^2 path; its backward computes the
+# weight-sized gradient g^T x once and projects it onto the factors in closed form. Both weight-sized tensors are
+# transient (built in forward, rebuilt in backward), so nothing weight-sized is held between forward and backward.
+
+
+def _delta_factors(factors: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    """The two Hadamard factors of DeltaW (unscaled): plain (out, in_flat) or CP (out, in, kh, kw)."""
+    if len(factors) == 6:
+        t1, w1a, w1b, t2, w2a, w2b = factors
+        return LF.rebuild_cp(t1, w1a, w1b), LF.rebuild_cp(t2, w2a, w2b)
+    w1a, w1b, w2a, w2b = factors
+    return w1a @ w1b, w2a @ w2b
+
+
+def _delta_factor_grads(grad_delta: Tensor, factors: tuple[Tensor, ...], f1: Tensor, f2: Tensor) -> tuple:
+    """Gradients of every factor from the gradient of f1 * f2 (already multiplied by the row scale)."""
+    g1, g2 = grad_delta * f2, grad_delta * f1
+    if len(factors) == 6:
+        t1, w1a, w1b, t2, w2a, w2b = factors
+        return (*LF.cp_factor_grads(g1, t1, w1a, w1b), *LF.cp_factor_grads(g2, t2, w2a, w2b))
+    w1a, w1b, w2a, w2b = factors
+    return g1 @ w1b.T, w1a.T @ g1, g2 @ w2b.T, w2a.T @ g2
+
+
+def _row_view(row_scale: Tensor, ndim: int) -> Tensor:
+    return row_scale.reshape(-1, *([1] * (ndim - 1))) if row_scale.dim() == 1 else row_scale
+
+
+class FusedMergedLoHa(torch.autograd.Function):
+    """y = op(x, W + DeltaW) + b for a Linear (args None) or Conv2d (args = stride, padding, dilation)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, row_scale: Tensor,
+        args: tuple[list[int], list[int], list[int]] | None, *factors: Tensor,
+    ) -> Tensor:  # fmt: skip
+        dt = compute_dtype(x)
+        with _NoAutocast(x.device.type):
+            merged = _merged_weight(weight, factors, row_scale).to(dt)
+            b = None if bias is None else bias.to(dt)
+            xc = x.to(dt)
+            y = torch.nn.functional.linear(xc, merged, b) if args is None else torch.conv2d(xc, merged, b, *args)
+        ctx.save_for_backward(xc, weight, row_scale, *factors)
+        ctx.dt, ctx.args, ctx.x_dtype = dt, args, x.dtype
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        xc, weight, row_scale, *factors = ctx.saved_tensors
+        factors = tuple(factors)
+        dt, args = ctx.dt, ctx.args
+        need_x = ctx.needs_input_grad[0]
+        with _NoAutocast(grad.device.type):
+            f1, f2 = _delta_factors(factors)
+            scale = _row_view(row_scale, f1.dim())
+            merged = (weight.to(f1.dtype) + (f1 * f2 * scale).reshape(weight.shape)).to(dt)
+            g = grad.to(dt)
+            if args is None:
+                g2, x2 = g.reshape(-1, weight.shape[0]), xc.reshape(-1, weight.shape[1])
+                grad_x = (g2 @ merged).reshape(xc.shape) if need_x else None
+                grad_w = g2.T @ x2
+            else:
+                stride, padding, dilation = args
+                grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+                    g, xc, merged, None, stride, padding, dilation, False, [0, 0], 1, [need_x, True, False]
+                )
+            grad_delta = grad_w.to(f1.dtype).reshape(f1.shape) * scale
+            factor_grads = _delta_factor_grads(grad_delta, factors, f1, f2)
+        grad_x = grad_x.to(ctx.x_dtype) if grad_x is not None else None
+        return (grad_x, None, None, None, None, *factor_grads)
+
+
+def _merged_weight(weight: Tensor, factors: tuple[Tensor, ...], row_scale: Tensor) -> Tensor:
+    f1, f2 = _delta_factors(factors)
+    return weight.to(f1.dtype) + (f1 * f2 * _row_view(row_scale, f1.dim())).reshape(weight.shape)

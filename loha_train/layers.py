@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from . import functional as LF
-from .kernels import FusedLoHaConv, FusedLoHaConvCP, FusedLoHaLinear
+from .kernels import FusedLoHaConv, FusedLoHaConvCP, FusedLoHaLinear, FusedMergedLoHa
 
 ADAPTER_SUFFIXES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha")
 
@@ -71,8 +73,11 @@ class LoHaModule(nn.Module):
             setattr(self, name.replace("w1", "w2"), nn.Parameter(torch.empty(shape, device=device)))
 
     # The fused single-node kernels (kernels.py) are the default; the plain-autograd path (adapter_forward) is the
-    # reference they are tested against, and the fallback when the base weight itself is trained.
+    # reference they are tested against, and the fallback when the base weight itself is trained. `path` picks
+    # the fused kernel: "auto" compares the multiply-adds of the rank-r^2 path and the merged-weight path for the
+    # shapes and token count of each call; "factored" and "merged" force one (tests, benchmarks).
     fused: bool = True
+    path: str = "auto"
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or self.multiplier == 0:
@@ -88,7 +93,29 @@ class LoHaModule(nn.Module):
         return True
 
     def fused_forward(self, x: Tensor, row_scale: Tensor) -> Tensor:
-        """base(x) + the adapter in one autograd node (kernels.py)."""
+        """base(x) + the adapter in one autograd node (kernels.py), by the cheaper path for this call."""
+        if self.path == "merged" or (self.path == "auto" and self._merged_is_cheaper(x)):
+            base = self.base
+            args = None if isinstance(base, nn.Linear) else (list(base.stride), list(base.padding), list(base.dilation))
+            return FusedMergedLoHa.apply(x, base.weight, base.bias, row_scale, args, *self.factors())
+        return self.factored_forward(x, row_scale)
+
+    def factors(self) -> tuple[Tensor, ...]:
+        """(t1, w1a, w1b, t2, w2a, w2b) for CP, else (w1a, w1b, w2a, w2b)."""
+        if self.use_cp:
+            return (self.hada_t1, self.hada_w1_a, self.hada_w1_b, self.hada_t2, self.hada_w2_a, self.hada_w2_b)
+        return (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b)
+
+    def _merged_is_cheaper(self, x: Tensor) -> bool:
+        """Multiply-adds of forward + backward beyond the frozen layer's own, for each path."""
+        factored, merged = self.extra_cost(x)
+        return merged < factored
+
+    def extra_cost(self, x: Tensor) -> tuple[float, float]:
+        """(rank-r^2 path, merged path) extra multiply-adds of one forward + backward on input x."""
+        raise NotImplementedError
+
+    def factored_forward(self, x: Tensor, row_scale: Tensor) -> Tensor:
         raise NotImplementedError
 
     def _row_scale(self, device: torch.device) -> Tensor:
@@ -141,7 +168,14 @@ class LoHaLinear(LoHaModule):
     def adapter_forward(self, x: Tensor, row_scale: Tensor) -> Tensor:
         return LF.factored_linear(x, self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, row_scale)
 
-    def fused_forward(self, x: Tensor, row_scale: Tensor) -> Tensor:
+    def extra_cost(self, x: Tensor) -> tuple[float, float]:
+        out_f, in_f = self.base.weight.shape
+        tokens, r2 = x.numel() // in_f, self.rank * self.rank
+        # factored: x V^T, h U^T forward; their input and weight gradients backward (3 passes over r^2 channels)
+        # merged: building DeltaW twice and projecting its gradient (~8 r in out), plus the g^T x weight gradient
+        return 3.0 * tokens * r2 * (in_f + out_f), tokens * in_f * out_f + 8.0 * self.rank * in_f * out_f
+
+    def factored_forward(self, x: Tensor, row_scale: Tensor) -> Tensor:
         base = self.base
         return FusedLoHaLinear.apply(
             x, base.weight, base.bias, self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, row_scale
@@ -195,7 +229,25 @@ class LoHaConv2d(LoHaModule):
     def _fusable(self) -> bool:
         return not isinstance(self.base.padding, str)  # "same"/"valid": the reference path handles them
 
-    def fused_forward(self, x: Tensor, row_scale: Tensor) -> Tensor:
+    def extra_cost(self, x: Tensor) -> tuple[float, float]:
+        conv = self.base
+        out_c, in_c, kh, kw = conv.weight.shape
+        k, r, r2 = kh * kw, self.rank, self.rank * self.rank
+        pixels_in = x.shape[0] * x.shape[-2] * x.shape[-1]
+        pixels_out = x.shape[0] * math.prod(
+            (n + 2 * p - d * (kk - 1) - 1) // s + 1
+            for n, p, d, kk, s in zip(
+                x.shape[-2:], conv.padding, conv.dilation, conv.kernel_size, conv.stride, strict=True
+            )
+        )
+        merged = pixels_out * in_c * out_c * k + 8.0 * r * in_c * out_c * k
+        if self._cp:
+            factored = 3.0 * (pixels_in * r2 * in_c + pixels_out * (r2 * r2 * k + r2 * out_c))
+        else:
+            factored = 3.0 * pixels_out * r2 * (in_c * k + out_c)
+        return factored, merged
+
+    def factored_forward(self, x: Tensor, row_scale: Tensor) -> Tensor:
         conv = self.base
         args = (list(conv.stride), list(conv.padding), list(conv.dilation))
         if self._cp:

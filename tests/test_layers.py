@@ -196,10 +196,12 @@ def test_bad_layers_are_refused():
         wrap_layer(nn.LayerNorm(4), 2, 1.0)
 
 
+@pytest.mark.parametrize("path", ["factored", "merged"])
 @pytest.mark.parametrize(("name", "base", "x", "kw"), LAYERS, ids=IDS)
-def test_fused_kernel_equals_plain_autograd_reference(name, base, x, kw):
-    """The fused single-node forward/backward (the default) against plain autograd over the same maths."""
+def test_fused_kernel_equals_plain_autograd_reference(name, base, x, kw, path):
+    """Both fused single-node paths (the default picks per call) against plain autograd over the same maths."""
     layer = _randomize(_wrap(base, rank_dropout=0.3, **kw)).train()
+    layer.path = path
     x = x.clone().requires_grad_()
     params = list(layer.parameters(recurse=False))
     results = []
@@ -215,8 +217,9 @@ def test_fused_kernel_equals_plain_autograd_reference(name, base, x, kw):
         torch.testing.assert_close(gf, gr, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("path", ["factored", "merged"])
 @pytest.mark.parametrize("kind", ["linear", "conv", "conv-cp"])
-def test_fused_kernels_pass_gradcheck(kind):
+def test_fused_kernels_pass_gradcheck(kind, path):
     torch.manual_seed(0)
     if kind == "linear":
         layer, x = _wrap(nn.Linear(4, 3).double(), rank=2), torch.randn(2, 4, dtype=torch.float64)
@@ -224,6 +227,7 @@ def test_fused_kernels_pass_gradcheck(kind):
         conv = nn.Conv2d(3, 2, 3, stride=2, padding=1).double()
         layer, x = _wrap(conv, rank=2, use_cp=kind == "conv-cp"), torch.randn(1, 3, 5, 5, dtype=torch.float64)
     _randomize(layer)
+    layer.path = path
     params = list(layer.parameters(recurse=False))
 
     names = [n for n, _ in layer.named_parameters(recurse=False)]
@@ -240,13 +244,27 @@ def test_fused_kernel_under_bf16_autocast_matches_reference():
     for base, x in ((nn.Linear(16, 8), torch.randn(4, 16)), (nn.Conv2d(8, 6, 3, padding=1), torch.randn(2, 8, 6, 6))):
         layer = _randomize(wrap_layer(base, 4, 2.0))
         outs = []
-        for fused in (True, False):
-            layer.fused = fused
+        for fused, path in ((True, "factored"), (True, "merged"), (False, "auto")):
+            layer.fused, layer.path = fused, path
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = layer(x.clone().requires_grad_())
             assert out.dtype == torch.bfloat16
             out.float().sum().backward()
             outs.append((out.float(), layer.hada_w1_a.grad.clone()))
             layer.zero_grad()
-        torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0.05, atol=0.05)
-        torch.testing.assert_close(outs[0][1], outs[1][1], rtol=0.1, atol=0.1)
+        for out, grad in outs[:2]:
+            torch.testing.assert_close(out, outs[2][0], rtol=0.05, atol=0.05)
+            torch.testing.assert_close(grad, outs[2][1], rtol=0.1, atol=0.1)
+
+
+def test_auto_path_follows_the_cost_model():
+    """Few tokens per weight element: the rank-r^2 path; many (small channels, big images, high rank): merged."""
+    small_rank = wrap_layer(nn.Linear(1280, 1280), 8, 8.0)
+    factored, merged = small_rank.extra_cost(torch.empty(1024, 1280))
+    assert factored < merged
+    high_rank = wrap_layer(nn.Linear(320, 320), 32, 32.0)
+    factored, merged = high_rank.extra_cost(torch.empty(4096, 320))
+    assert merged < factored
+    conv = wrap_layer(nn.Conv2d(320, 320, 3, padding=1), 16, 16.0, use_cp=True)
+    factored, merged = conv.extra_cost(torch.empty(1, 320, 64, 64))
+    assert merged < factored  # the CP core costs r^4 k^2 per pixel
