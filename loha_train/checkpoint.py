@@ -40,6 +40,7 @@ class TrainState:
     world_size: int = 1
     version: str = __version__
     extra: dict[str, Any] = field(default_factory=dict)  # counters: skipped steps, samples seen, ...
+    effective_batch: int = 0  # samples per optimizer step over all processes (0: not recorded)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from .config import Config
 
@@ -75,11 +76,48 @@ class RunPlan:
         return min(self.gradient_accumulation, self.batches_per_epoch - batch_in_epoch)
 
 
-def make_plan(cfg: Config, batches_per_epoch: int, world_size: int) -> RunPlan:
+class Position(NamedTuple):
+    """Where a run stands: optimizer steps done, current epoch, micro-batches of it consumed per process."""
+
+    step: int
+    epoch: int
+    batch_in_epoch: int
+
+
+def make_plan(cfg: Config, batches_per_epoch: int, world_size: int, start: Position | None = None) -> RunPlan:
+    """The plan of a run from `start` (a resumed run's position; None for a new run).
+
+    With train.epochs the total is counted from `start`, so a run resumed with another number of processes or
+    another gradient_accumulation (other steps per epoch) still ends after the configured epochs.
+    """
     ga = cfg.train.gradient_accumulation
     steps_per_epoch = math.ceil(batches_per_epoch / ga)
-    total = cfg.train.max_steps if cfg.train.max_steps is not None else (cfg.train.epochs or 1) * steps_per_epoch
+    epochs = cfg.train.epochs or 1
+    if cfg.train.max_steps is not None:
+        total = cfg.train.max_steps
+    elif start is None:
+        total = epochs * steps_per_epoch
+    elif start.epoch >= epochs:
+        total = start.step
+    else:
+        this_epoch = math.ceil((batches_per_epoch - start.batch_in_epoch) / ga)
+        total = start.step + this_epoch + (epochs - start.epoch - 1) * steps_per_epoch
     return RunPlan(batches_per_epoch, cfg.train.batch_size, ga, world_size, total)
+
+
+def rescale_position(position: Position, saved_world: int, world_size: int, batches_per_epoch: int) -> Position:
+    """A position saved by `saved_world` processes, for `world_size` processes: the same global batches consumed.
+
+    Every process consumed `position.batch_in_epoch` of the epoch's global batches dealt round-robin, so
+    batch_in_epoch * saved_world global batches are done; rounded down when that does not divide by world_size
+    (a few batches are then seen again). A position at or past the end of the epoch moves to the next epoch.
+    """
+    if saved_world == world_size:
+        return position
+    batch = position.batch_in_epoch * saved_world // world_size
+    if batch >= batches_per_epoch:
+        return Position(position.step, position.epoch + 1, 0)
+    return Position(position.step, position.epoch, batch)
 
 
 def format_plan(
@@ -98,10 +136,13 @@ def format_plan(
     lines.append(f"  data        {data}")
     t = cfg.train
     lines += [
+        f"  processes   {plan.world_size}"
+        + (" (data parallel: gradients averaged over them; rank 0 writes every file)" if plan.world_size > 1 else ""),
         f"  batch       {t.batch_size} per process x {t.gradient_accumulation} accumulation x {plan.world_size} "
         f"process(es) = {plan.effective_batch} per optimizer step",
         f"  lr          {t.lr:g} (unet {t.unet_lr or t.lr:g}, text encoder {t.text_encoder_lr or t.lr:g}); "
-        "not scaled with the batch: lr applies to the effective batch as given",
+        "never scaled automatically: it applies to the effective batch as given",
+        *_scaling_rule(plan),
         f"  steps       {plan.total_steps} ({plan.steps_per_epoch} per epoch, {plan.epochs:.2f} epochs)",
         f"  precision   frozen weights {cfg.model.dtype}, mixed precision {t.mixed_precision}",
         f"  output      {paths.adapter}",
@@ -111,3 +152,15 @@ def format_plan(
     ]
     lines += [f"  note        {n}" for n in plan.notes]
     return "\n".join(lines)
+
+
+def _scaling_rule(plan: RunPlan) -> list[str]:
+    """How this multi-process run relates to a single-process one, and when to touch lr."""
+    if plan.world_size == 1:
+        return []
+    return [
+        f"  scaling     = 1 process x {plan.gradient_accumulation * plan.world_size} accumulation (the same batches, "
+        "noise and adapter up to float rounding, when",
+        f"              an epoch's batches divide by {plan.world_size}), so the same lr; change lr only with the "
+        "effective batch, e.g. linearly (lr x new/old)",
+    ]

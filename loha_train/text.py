@@ -21,6 +21,7 @@ def tokenize(tokenizer: object, captions: Sequence[str]) -> Tensor:
 
 def _final_norm(text_encoder: nn.Module) -> nn.Module:
     # transformers 5 has final_layer_norm on CLIPTextModel itself; transformers 4 under .text_model
+    text_encoder = getattr(text_encoder, "module", text_encoder)  # a DistributedDataParallel wrapper's module
     inner = getattr(text_encoder, "text_model", text_encoder)
     return inner.final_layer_norm
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
+import os
 import shutil
 import signal
 import time
@@ -20,10 +22,11 @@ from .config import Config, dump_config
 from .inject import inject_loha, sd_components
 from .metrics import MetricsLog, loss_curve_png
 from .models import ModelBundle, load_models, model_hash
-from .plan import OutputPaths, RunPlan, format_plan, make_plan
+from .plan import OutputPaths, Position, RunPlan, format_plan, make_plan, rescale_position
 from .runtime import (
     build_data,
     build_optimizer,
+    global_micro_index,
     micro_step,
     provenance,
     resume_settings,
@@ -61,14 +64,17 @@ def train(
 
     paths = OutputPaths(Path(cfg.output.dir), cfg.output.name)
     resume_from = None if dry_run else _check_output_folder(paths, resume, overwrite)
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.network.module_dropout > 0)
+    _refuse_sharded_engines()
+    ddp = DistributedDataParallelKwargs()  # read at prepare(); find_unused_parameters is set once the family is known
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision, step_scheduler_with_optimizer=False, kwargs_handlers=[ddp]
     )
+    _check_launch(accelerator)
     main = accelerator.is_main_process
 
     # --- models, data and adapters ------------------------------------------------------------------------
     bundle = load_models(cfg.model)
+    ddp.find_unused_parameters = _may_leave_adapters_unused(cfg, bundle.family)
     bundle.unet.to(accelerator.device)
     bundle.vae.to(accelerator.device)
     for te in bundle.text_encoders:
@@ -84,7 +90,11 @@ def train(
     if cfg.network.init_from:
         state, _ = export.load_adapter(cfg.network.init_from)
         export.apply_adapter(network, state, source=cfg.network.init_from)
-    plan = make_plan(cfg, len(data.sampler), accelerator.num_processes)
+    saved = TrainState.read(resume_from) if resume_from is not None else None
+    start = _start_position(saved, accelerator.num_processes, len(data.sampler))
+    plan = make_plan(cfg, len(data.sampler), accelerator.num_processes, start)
+    if main and saved is not None:
+        _warn_if_layout_changed(saved, plan)
     if main:
         echo(format_plan(cfg, plan, paths, model=_describe_model(bundle), adapters=network.report(), data=data.summary))
     if dry_run:
@@ -97,13 +107,13 @@ def train(
     optimizer, lr_scheduler = build_optimizer(cfg, network, plan.total_steps)
     prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
     models, optimizer, lr_scheduler = list(prepared[: len(trained)]), prepared[-2], prepared[-1]
+    bundle = _through_wrappers(bundle, trained, models)
     checkpoint.register_adapter_hooks(accelerator, network)
     settings = resume_settings(cfg, data, model_hash(cfg.model.path))
     step, epoch, batch_in_epoch, extra = 0, 0, 0, {"skipped_steps": 0}
-    if resume_from is not None:
-        state = _resume(accelerator, resume_from, settings)
-        step, epoch, extra = state.step, state.epoch, dict(state.extra)
-        batch_in_epoch = _rescale_position(state, accelerator.num_processes, plan)
+    if resume_from is not None and start is not None:
+        extra = dict(_resume(accelerator, resume_from, settings).extra)
+        step, epoch, batch_in_epoch = start
     if main:
         if overwrite and resume_from is None:
             _start_over(paths)
@@ -115,7 +125,9 @@ def train(
     meta = provenance(cfg, bundle, data, plan, network)
 
     def save_checkpoint() -> Path:
-        state = TrainState(step, epoch, batch_in_epoch, settings, accelerator.num_processes, extra=extra)
+        state = TrainState(
+            step, epoch, batch_in_epoch, settings, plan.world_size, extra=extra, effective_batch=plan.effective_batch
+        )
         return checkpoint.save_checkpoint(accelerator, paths.root, state, cfg.train.keep_last_checkpoints)
 
     def export_adapter(path: Path) -> None:
@@ -144,7 +156,7 @@ def train(
         """Accumulate `group` micro-batches (gradients synchronised on the last), then step; returns the loss."""
         loss_sum = torch.zeros((), device=accelerator.device)
         for j in range(group):
-            seed_everything_for(cfg.train.seed, step, j, accelerator.process_index)
+            seed_everything_for(cfg.train.seed, step, global_micro_index(j, *_rank_and_world(accelerator)))
             sync = contextlib.nullcontext() if j == group - 1 else _no_sync(accelerator, models)
             with sync, accelerator.autocast():
                 loss = micro_step(cfg, bundle, accelerator, next(batches)) / group
@@ -187,12 +199,13 @@ def train(
                     log.scalars(step, {"val_loss": validation_loss(cfg, bundle, accelerator, data)})
                 if _due(cfg.output.save_adapter_every_steps, step) and step < plan.total_steps:
                     export_adapter(paths.periodic_adapter(step))
-                if _due(cfg.train.save_every_steps, step) or stop.signum is not None:
+                signum = _agreed_signal(accelerator, stop.signum)
+                if _due(cfg.train.save_every_steps, step) or signum is not None:
                     last_checkpoint, path = step, save_checkpoint()
-                    if stop.signum is not None:
+                    if signum is not None:
                         progress.close()
                         log.close()
-                        raise Interrupted(stop.signum, step, path)
+                        raise Interrupted(signum, step, path)
 
     # --- the end ---------------------------------------------------------------------------------------------
     progress.close()
@@ -247,15 +260,32 @@ def _resume(accelerator: Any, path: Path, settings: dict[str, Any]) -> TrainStat
     return checkpoint.load_checkpoint(accelerator, path)
 
 
-def _rescale_position(state: TrainState, world_size: int, plan: RunPlan) -> int:
-    """The checkpoint's per-process batch position, translated to this run's number of processes."""
-    if state.world_size == world_size:
-        return state.batch_in_epoch
-    logger.warning(
-        "resuming a %d-process checkpoint with %d processes: the data order of this epoch differs from an "
-        "uninterrupted run from here on", state.world_size, world_size,
-    )  # fmt: skip
-    return min(plan.batches_per_epoch, state.batch_in_epoch * state.world_size // world_size)
+def _start_position(saved: TrainState | None, world_size: int, batches_per_epoch: int) -> Position | None:
+    """Where a resumed run starts (the checkpoint's position in this run's number of processes); None if new."""
+    if saved is None:
+        return None
+    position = Position(saved.step, saved.epoch, saved.batch_in_epoch)
+    return rescale_position(position, saved.world_size, world_size, batches_per_epoch)
+
+
+def _warn_if_layout_changed(saved: TrainState, plan: RunPlan) -> None:
+    """Say what a resume with another number of processes or effective batch keeps and what it changes."""
+    changes = []
+    if saved.world_size != plan.world_size:
+        changes.append(f"{saved.world_size} -> {plan.world_size} processes")
+    same_batch = saved.effective_batch in (0, plan.effective_batch)
+    if not same_batch:
+        changes.append(f"effective batch {saved.effective_batch} -> {plan.effective_batch} (lr is not rescaled)")
+    if not changes:
+        return
+    divisible = saved.batch_in_epoch * saved.world_size % plan.world_size == 0
+    outcome = (
+        "the remaining steps see the batches and noise an uninterrupted run would (when an epoch's batches "
+        "divide evenly by both process counts)"
+        if same_batch and divisible
+        else "the batches from here on differ from those of an uninterrupted run"
+    )
+    logger.warning("resuming at step %d with %s: %s", saved.step, "; ".join(changes), outcome)
 
 
 def _non_finite(
@@ -277,6 +307,72 @@ def _non_finite(
         "gradients (train.max_grad_norm > 0), prefer bf16 to fp16 mixed precision, or set train.nan_policy: skip "
         "to skip such steps."
     )
+
+
+_SHARDED_ENGINES = {
+    "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+    "ACCELERATE_USE_FSDP": "FSDP",
+    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM",
+}
+
+
+def _refuse_sharded_engines() -> None:
+    """DeepSpeed/FSDP/Megatron save and load their own checkpoint layout and own the gradient accumulation:
+    our adapter-only checkpoints and manual no_sync accumulation do not work under them, so refuse up front."""
+    for variable, engine in _SHARDED_ENGINES.items():
+        if os.environ.get(variable, "false").lower() in {"1", "true", "yes", "on", "y", "t"}:
+            raise TrainingError(
+                f"{engine} is not supported (accelerate launched with {variable}): its checkpoints would not "
+                "hold the adapter. Use plain data parallel: `accelerate launch --multi_gpu --num_processes N` "
+                "(or answer 'no' to DeepSpeed/FSDP in `accelerate config`). A LoHa adapter and its optimizer "
+                "state are a few MB, so ZeRO/FSDP sharding would save almost no memory here."
+            )
+
+
+def _check_launch(accelerator: Any) -> None:
+    """Refuse launches that would silently train N independent copies, or under a sharded engine."""
+    engine = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if engine in {"DEEPSPEED", "FSDP", "MEGATRON_LM"}:
+        raise TrainingError(f"accelerate set up {engine}, which loha-train does not support; use plain data parallel.")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise TrainingError(
+            f"launched as {launched} processes (WORLD_SIZE), but accelerate set up {accelerator.num_processes}: "
+            "every process would train alone. Without GPUs, set ACCELERATE_USE_CPU=1 for multi-process CPU "
+            "training (gloo); with GPUs, check that each process sees one."
+        )
+
+
+def _may_leave_adapters_unused(cfg: Config, family: str) -> bool:
+    """Whether a step can leave some adapter parameters without a gradient, which DDP must be told about:
+    module dropout skips whole adapters, and a trained text encoder's last layer is unused with clip_skip > 1
+    (and SDXL's first encoder always stops at its penultimate layer)."""
+    skips_text_layers = cfg.network.train_text_encoder and (cfg.model.clip_skip > 1 or family == "sdxl")
+    return cfg.network.module_dropout > 0 or skips_text_layers
+
+
+def _through_wrappers(bundle: ModelBundle, raw: list[Any], prepared: list[Any]) -> ModelBundle:
+    """The bundle with each trained model replaced by its prepared (DDP) wrapper. DDP synchronises gradients
+    only for a backward that follows its own forward, so the loss must call the wrapper, not the module."""
+    wrapper = {id(module): wrapped for module, wrapped in zip(raw, prepared, strict=True)}
+    return dataclasses.replace(
+        bundle,
+        unet=wrapper.get(id(bundle.unet), bundle.unet),
+        text_encoders=[wrapper.get(id(te), te) for te in bundle.text_encoders],
+    )
+
+
+def _agreed_signal(accelerator: Any, signum: int | None) -> int | None:
+    """The stop signal any process has received: all must checkpoint and stop at the same step, or one would
+    wait at the checkpoint's barrier while the others wait in the next step's gradient all-reduce."""
+    if accelerator.num_processes == 1:
+        return signum
+    flags = accelerator.gather(torch.tensor([signum or 0], device=accelerator.device))
+    return int(flags.max()) or None
+
+
+def _rank_and_world(accelerator: Any) -> tuple[int, int]:
+    return accelerator.process_index, accelerator.num_processes
 
 
 def _due(every: int | None, count: int) -> bool:

@@ -115,6 +115,10 @@ class LatentCache:
         self.dtype = dtype
         self._keys: dict[tuple[Path, CropPlan], str] = {}
 
+    @property
+    def mode(self) -> CacheMode:
+        return self._store.mode
+
     def key(self, item: ImageItem, plan: CropPlan) -> str:
         """The cache key of `item` cropped by `plan` (hashes the file when check_images did not)."""
         memo = (item.path, plan)
@@ -185,6 +189,25 @@ class LatentCache:
         for key, latent in zip(keys, latents, strict=True):
             item, plan = todo[key]
             self._store.save(key, {"latents": latent.to(self.dtype)}, self._description(item, plan))
+
+    def export(self, entries: Iterable[tuple[ImageItem, CropPlan]]) -> dict[str, torch.Tensor]:
+        """The cached latents of `entries` by key, to hand to another process's cache with `absorb`."""
+        out = {}
+        for item, plan in entries:
+            key = self.key(item, plan)
+            tensors = self._store.load(key)
+            if tensors is not None:
+                out[key] = tensors["latents"]
+        return out
+
+    def absorb(self, latents: dict[str, torch.Tensor]) -> int:
+        """Add latents another process encoded (from its `export`) that this cache lacks; returns how many."""
+        added = 0
+        for key, latent in latents.items():
+            if not self._store.has(key):
+                self._store.save(key, {"latents": latent.to(self.dtype)}, {"key": key, "shared": True})
+                added += 1
+        return added
 
     def get(self, item: ImageItem, plan: CropPlan) -> torch.Tensor:
         """The cached latents (C, h, w) of `item` under `plan`; DataError if `prepare` did not cover it."""
