@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from . import convert
 from .config import NetworkConfig
 from .layers import LoHaModule, parameter_count, wrap_layer
 
@@ -65,6 +68,31 @@ def kohya_te_name(path: str, prefix: str = "lora_te") -> str:
     return f"{prefix}_text_model_{path.replace('.', '_')}"
 
 
+KeyFn = Callable[[str, str], str]  # (module path, prefix) -> key stem
+
+
+def sgm_unet_namer(config: Mapping[str, Any]) -> KeyFn:
+    """The SDXL UNet's key function: diffusers module path -> prefix + the original (SGM) module path.
+
+    kohya writes SDXL UNet keys in the original layout (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`),
+    which WebUI and ComfyUI both map, while WebUI's diffusers-name conversion files SDXL's first upsampler under a
+    module that does not exist. The mapping is `convert.unet_to_ldm`'s (the single-file writer's), applied to the
+    module's weight key, so adapter keys and single-file weights always agree. `config` is the UNet's config.
+    """
+
+    def sgm_name(path: str, prefix: str = "lora_unet") -> str:
+        try:
+            (ldm_key,) = convert.unet_to_ldm({f"{path}.weight": _NAME_ONLY}, config)
+        except convert.ConversionError as e:
+            raise InjectError(f"unet.{path}: no original-layout (SGM) name for this module ({e})") from None
+        return f"{prefix}_{ldm_key.removesuffix('.weight').replace('.', '_')}"
+
+    return sgm_name
+
+
+_NAME_ONLY = torch.empty(0)  # unet_to_ldm maps keys; the value is carried along untouched
+
+
 @dataclass(frozen=True)
 class Component:
     """A model part that can carry adapters: its name in patterns, its module, and how its keys are named."""
@@ -72,7 +100,8 @@ class Component:
     name: str  # "unet", "text_encoder", "text_encoder_2"
     module: nn.Module
     prefix: str  # "lora_unet", "lora_te", "lora_te1", "lora_te2"
-    key_fn: Callable[[str, str], str]  # (module path, prefix) -> key stem
+    key_fn: KeyFn  # the name we write
+    alias_fn: KeyFn | None = None  # another name the consumers also map, accepted when reading a file
 
     @property
     def is_unet(self) -> bool:
@@ -80,10 +109,23 @@ class Component:
 
 
 def sd_components(
-    unet: nn.Module | None, text_encoders: list[nn.Module] | tuple[nn.Module, ...] = ()
+    unet: nn.Module | None, text_encoders: Sequence[nn.Module] = (), *, family: str | None = None
 ) -> list[Component]:
-    """Components for SD 1.x/2.x (one text encoder: lora_te) or SDXL-style pairs (lora_te1, lora_te2)."""
-    comps = [Component(UNET, unet, "lora_unet", kohya_unet_name)] if unet is not None else []
+    """Components named as kohya names them: SD 1.x/2.x `lora_unet_` + the diffusers path and `lora_te_`;
+    SDXL `lora_unet_` + the original (SGM) path (the diffusers path stays readable) and `lora_te1_`/`lora_te2_`.
+
+    `family` is the base model's (sd1, sd2, sdxl); None infers SDXL from the UNet's text_time added condition or
+    from two text encoders, so a caller that forgets it still writes the names the consumers map.
+    """
+    sdxl = family == "sdxl" if family is not None else _looks_sdxl(unet, text_encoders)
+    if text_encoders and len(text_encoders) != (2 if sdxl else 1):
+        what = "an SDXL" if sdxl else "an SD 1.x/2.x"
+        raise InjectError(f"{len(text_encoders)} text encoder(s) given for {what} model")
+    comps = []
+    if unet is not None and sdxl:
+        comps.append(Component(UNET, unet, "lora_unet", sgm_unet_namer(unet.config), alias_fn=kohya_unet_name))
+    elif unet is not None:
+        comps.append(Component(UNET, unet, "lora_unet", kohya_unet_name))
     if len(text_encoders) == 1:
         comps.append(Component(TEXT_ENCODER, text_encoders[0], "lora_te", kohya_te_name))
     else:
@@ -91,6 +133,11 @@ def sd_components(
         for i, te in enumerate(text_encoders):
             comps.append(Component(names[i], te, f"lora_te{i + 1}", kohya_te_name))
     return comps
+
+
+def _looks_sdxl(unet: nn.Module | None, text_encoders: Sequence[nn.Module]) -> bool:
+    config = getattr(unet, "config", None) or {}
+    return len(text_encoders) == 2 or config.get("addition_embed_type") == "text_time"
 
 
 @dataclass
@@ -171,9 +218,15 @@ class _Candidate:
     def qualname(self) -> str:
         return f"{self.component.name}.{self.path}"
 
-    @property
+    @cached_property
     def key(self) -> str:
         return self.component.key_fn(self.path, self.component.prefix)
+
+    @property
+    def names(self) -> list[str]:
+        """The key it is written under, then any other name a file may use for it."""
+        alias = self.component.alias_fn
+        return [self.key] + ([alias(self.path, self.component.prefix)] if alias else [])
 
     @property
     def is_kxk_conv(self) -> bool:
@@ -307,8 +360,15 @@ class ExplicitTarget:
 
 
 def module_keys(components: list[Component]) -> dict[str, tuple[str, nn.Module]]:
-    """Key stem -> (qualified name, module) of every Linear / Conv2d of `components` that a LoHa can wrap."""
-    return {c.key: (c.qualname, c.module) for comp in components for c in _candidates(comp)}
+    """Key stem -> (qualified name, module) of every Linear / Conv2d of `components` that a LoHa can wrap.
+
+    Every accepted name is a key: for SDXL's UNet both the original-layout name and the diffusers one.
+    """
+    return {name: (c.qualname, c.module) for c in _all_candidates(components) for name in c.names}
+
+
+def _all_candidates(components: list[Component]) -> list[_Candidate]:
+    return [c for comp in components for c in _candidates(comp)]
 
 
 def inject_explicit(
@@ -316,12 +376,13 @@ def inject_explicit(
 ) -> LoHaNetwork:
     """Freeze every component and wrap exactly the modules `targets` name, each with its own rank, alpha and CP.
 
-    A key that names no wrappable module of `components` is an InjectError listing every such key.
+    The network's keys are the targets' own (a file's names, either layout for SDXL's UNet). A key that names no
+    wrappable module of `components`, or two keys naming one module, is an InjectError listing every such key.
     """
     targets = list(targets)
     for comp in components:
         comp.module.requires_grad_(False)
-    by_key = {c.key: c for comp in components for c in _candidates(comp)}
+    by_key = {name: c for c in _all_candidates(components) for name in c.names}
     duplicated = sorted(k for k, n in Counter(t.key for t in targets).items() if n > 1)
     if duplicated:
         raise InjectError(f"Keys given more than once: {', '.join(duplicated)}.")
@@ -330,6 +391,10 @@ def inject_explicit(
         shown = ", ".join(unknown[:20]) + (f", ... ({len(unknown) - 20} more)" if len(unknown) > 20 else "")
         names = ", ".join(c.name for c in components)
         raise InjectError(f"{len(unknown)} key(s) name no Linear or Conv2d module of the {names}: {shown}.")
+    same = Counter(by_key[t.key].qualname for t in targets)
+    twice = [" and ".join(t.key for t in targets if by_key[t.key].qualname == q) for q, n in same.items() if n > 1]
+    if twice:
+        raise InjectError(f"Keys that name the same module: {'; '.join(twice)}.")
     network = LoHaNetwork()
     rng_state = torch.random.get_rng_state()
     if seed is not None:
@@ -339,9 +404,9 @@ def inject_explicit(
             cand = by_key[target.key]
             wrapped = wrap_layer(cand.module, target.rank, target.alpha, use_cp=target.use_cp)
             _set_submodule(cand.component.module, cand.path, wrapped)
-            network.modules[cand.key] = wrapped
-            network.qualnames[cand.key] = cand.qualname
-            network.components[cand.key] = cand.component.name
+            network.modules[target.key] = wrapped
+            network.qualnames[target.key] = cand.qualname
+            network.components[target.key] = cand.component.name
     finally:
         if seed is not None:
             torch.random.set_rng_state(rng_state)

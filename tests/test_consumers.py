@@ -128,18 +128,39 @@ def test_every_key_of_a_full_network_loads_in_webui_and_comfyui(family):
     assert disagreements(webui, comfy) == {}
 
 
-def test_sdxl_needs_original_layout_unet_names_for_webui():
+def _expected_sdxl_keys(unet: nn.Module, encoders: list[nn.Module]) -> set[str]:
+    """SDXL's kohya names: the UNet's from ComfyUI's diffusers -> original-layout table (not from our converter),
+    the text encoders' from the consumers' fixed names."""
+    table = comfy_unet_to_diffusers(comfy_unet_config(unet.config))
+    adaptable = [n for n, m in unet.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    keys = {
+        "lora_unet_" + table[f"{n}.weight"].removesuffix(".weight").replace(".", "_")
+        for n in adaptable
+        if not n.startswith("add_embedding")  # loads in ComfyUI only: never a target
+    }
+    for i, te in enumerate(encoders, start=1):
+        layers = te.config.num_hidden_layers
+        keys |= {f"lora_te{i}_text_model_encoder_layers_{j}_{s}" for j in range(layers) for s in TE_SUFFIXES}
+    return keys
+
+
+def test_sdxl_keys_are_original_layout_names_that_both_consumers_load():
     unet, encoders, model = _meta_sd("sdxl")
+    expected = _expected_sdxl_keys(unet, encoders)
     network = inject_loha(sd_components(unet, encoders), NetworkConfig(preset="full", rank=2, conv_rank=2))
+    assert set(network.modules) == expected
     deltas = _deltas(network)
-    assert check_comfyui(deltas, model).unmatched == {}
-    webui = check_webui(deltas, model)
-    # WebUI files SDXL's first upsampler (up_blocks.0 has attention) under output_blocks_2_1_conv: not a module
-    assert set(webui.unmatched) == {"lora_unet_up_blocks_0_upsamplers_0_conv"}
-    sgm = {"lora_unet_output_blocks_2_2_conv": deltas["lora_unet_up_blocks_0_upsamplers_0_conv"]}
-    webui, comfy = check_webui(sgm, model), check_comfyui(sgm, model)
-    assert webui.unmatched == comfy.unmatched == {} and disagreements(webui, comfy) == {}
-    assert webui.targets["lora_unet_output_blocks_2_2_conv"][0] == "model.diffusion_model.output_blocks.2.2.conv.weight"
+    webui, comfy = check_webui(deltas, model), check_comfyui(deltas, model)
+    assert webui.not_applicable is None
+    assert webui.unmatched == {} and comfy.unmatched == {}
+    assert len(webui.targets) == len(comfy.targets) == len(deltas)
+    assert disagreements(webui, comfy) == {}
+    upsampler = "lora_unet_output_blocks_2_2_conv"  # diffusers up_blocks.0.upsamplers.0.conv
+    assert webui.targets[upsampler][0] == "model.diffusion_model.output_blocks.2.2.conv.weight"
+    # Why not diffusers names: WebUI files that upsampler (up_blocks.0 has attention) under output_blocks_2_1_conv
+    diffusers_name = {"lora_unet_up_blocks_0_upsamplers_0_conv": deltas[upsampler]}
+    assert set(check_webui(diffusers_name, model).unmatched) == set(diffusers_name)
+    assert check_comfyui(diffusers_name, model).unmatched == {}
 
 
 def test_webui_patches_a_fused_openclip_attention_only_with_all_four_projections():
