@@ -173,7 +173,7 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         return loss_value
 
-    with stop.installed():
+    with stop.installed(), progress:  # the bar is closed however the loop ends, so errors print on their own line
         while step < plan.total_steps:
             data.sampler.set_epoch(epoch, batch_in_epoch)
             batches = iter(data.loader)
