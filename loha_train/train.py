@@ -141,7 +141,6 @@ def train(
 
     # --- the loop -------------------------------------------------------------------------------------------
     stop = _StopFlag()
-    progress = _progress(plan.total_steps, step, main)
     last_checkpoint = step if resume_from is not None else -1
     last_sampled = -1
     if step == 0 and cfg.sample.at_start and cfg.sample.prompts:
@@ -173,6 +172,7 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         return loss_value
 
+    progress = _progress(plan.total_steps, step, main)
     with stop.installed(), progress:  # the bar is closed however the loop ends, so errors print on their own line
         while step < plan.total_steps:
             data.sampler.set_epoch(epoch, batch_in_epoch)
