@@ -57,6 +57,8 @@ class ModelInfo:
     prediction_type: PredictionType | None  # None: the files do not say (SD 2.x single files)
     evidence: tuple[str, ...] = ()  # the config entries or keys that decided family and prediction type
     metadata: dict[str, str] = field(default_factory=dict, repr=False)  # safetensors header metadata
+    prediction_from: str | None = None  # the entry that states the prediction type; None: family default/unknown
+    zero_terminal_snr: bool = False  # the files say the schedule is rescaled to zero terminal SNR
 
 
 @dataclass
@@ -73,6 +75,12 @@ class ModelBundle:
     prediction_type: PredictionType
     source: Path
     kind: Kind
+    zero_terminal_snr: bool = False  # the noise schedule (training and samplers) is rescaled to zero terminal SNR
+    evidence: tuple[str, ...] = ()  # where family, prediction type and zero terminal SNR came from
+
+    def describe(self) -> list[str]:
+        """For the run plan: the model and its kind, then where family and prediction type came from."""
+        return [f"{self.source} ({self.family}, {self.prediction_type}, {self.kind.replace('_', ' ')})", *self.evidence]
 
 
 # --------------------------------------------------------------------------------------------- detection
@@ -126,14 +134,20 @@ def _detect_folder(root: Path) -> ModelInfo:
         family, why = "sd2", "unet/config.json: use_linear_projection=true"
     else:
         family, why = "sd1", "unet/config.json: use_linear_projection=false"
-    prediction = None
-    evidence = [why]
     sched_path = root / "scheduler" / "scheduler_config.json"
-    if sched_path.is_file():
-        sched = _read_json(sched_path, "the scheduler's config")
-        prediction = sched.get("prediction_type", "epsilon")
-        evidence.append(f"scheduler/scheduler_config.json: prediction_type={prediction}")
-    return ModelInfo(root, "diffusers", family, prediction, tuple(evidence))
+    sched = _read_json(sched_path, "the scheduler's config") if sched_path.is_file() else {}
+    prediction, stated = _USUAL_PREDICTION[family], None
+    if "prediction_type" in sched:
+        prediction = sched["prediction_type"]
+        stated = f"scheduler/scheduler_config.json: prediction_type={prediction}"
+    zero_snr = bool(sched.get("rescale_betas_zero_snr"))
+    evidence = [why] + [stated] * bool(stated) + ["scheduler: rescale_betas_zero_snr=true"] * zero_snr
+    return ModelInfo(root, "diffusers", family, prediction, tuple(evidence), {}, stated, zero_snr)
+
+
+# What a file that does not state its prediction type most likely is: SD 2.x has both 512-base (epsilon) and
+# 768-v models, so there it must be set.
+_USUAL_PREDICTION: dict[str, str | None] = {"sd1": "epsilon", "sd2": None, "sdxl": "epsilon"}
 
 
 def _read_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
@@ -203,14 +217,33 @@ def _detect_file(path: Path) -> ModelInfo:
     else:
         raise ModelError(f"{path}: cannot tell the model family (no text-encoder keys); expected {expected}")
     evidence = [why]
-    prediction: str | None = {"sd1": "epsilon", "sd2": None, "sdxl": "epsilon"}[family]
+    prediction = _USUAL_PREDICTION[family]
+    stated = _stated_prediction(shapes, meta)
+    if stated:
+        prediction, source = stated
+        evidence.append(source)
+    zero_snr = "ztsnr" in shapes  # ComfyUI's marker, next to v_pred
+    evidence += ["ztsnr key"] * zero_snr
+    return ModelInfo(
+        path, "single_file", family, prediction, tuple(evidence), meta,  # type: ignore[arg-type]
+        stated[1] if stated else None, zero_snr,
+    )  # fmt: skip
+
+
+_MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v": "v_prediction"}
+
+
+def _stated_prediction(shapes: dict[str, tuple[int, ...]], meta: dict[str, str]) -> tuple[str, str] | None:
+    """(prediction type, where the file says it): our metadata, ComfyUI's v_pred key, or modelspec metadata."""
     if meta.get(convert.METADATA_PREDICTION) in ("epsilon", "v_prediction"):
-        prediction = meta[convert.METADATA_PREDICTION]
-        evidence.append(f"metadata {convert.METADATA_PREDICTION}={prediction}")
-    elif "v_pred" in shapes:
-        prediction = "v_prediction"
-        evidence.append("v_pred key")
-    return ModelInfo(path, "single_file", family, prediction, tuple(evidence), meta)  # type: ignore[arg-type]
+        value = meta[convert.METADATA_PREDICTION]
+        return value, f"metadata {convert.METADATA_PREDICTION}={value}"
+    if "v_pred" in shapes:
+        return "v_prediction", "v_pred key"
+    spec = meta.get("modelspec.prediction_type")
+    if spec in _MODELSPEC_PREDICTION:
+        return _MODELSPEC_PREDICTION[spec], f"metadata modelspec.prediction_type={spec}"
+    return None
 
 
 def detect_model(path: str | Path) -> ModelInfo:
@@ -255,11 +288,13 @@ def load_models(cfg: ModelConfig, *, dtype: torch.dtype | None = None, with_toke
         raise ModelError(
             f"{info.path}: model.family is {cfg.family!r} but the files are {info.family} ({'; '.join(info.evidence)})"
         )
-    prediction = info.prediction_type if cfg.prediction_type == "auto" else cfg.prediction_type
-    if prediction is None:
+    prediction, prediction_why = _prediction_type(info, cfg.prediction_type)
+    zero_snr = cfg.zero_terminal_snr or info.zero_terminal_snr
+    if zero_snr and prediction == "epsilon":
+        source = "model.zero_terminal_snr" if cfg.zero_terminal_snr else "the files"
         raise ModelError(
-            f"{info.path}: an SD 2.x single file does not say whether it predicts v (768-v models) or noise "
-            "(512-base models); set model.prediction_type to v_prediction or epsilon"
+            f"{info.path}: zero terminal SNR ({source}) needs a v-prediction model, but the prediction type is "
+            f"epsilon ({prediction_why}); with epsilon the last timestep, pure noise, predicts nothing"
         )
     dtype = dtype or DTYPES[cfg.dtype]
     tokenizer_path = cfg.tokenizer_path
@@ -289,18 +324,49 @@ def load_models(cfg: ModelConfig, *, dtype: torch.dtype | None = None, with_toke
         module.eval()
     scheduler_config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
     scheduler_config["prediction_type"] = prediction
+    if zero_snr:  # what samplers need for a zero-terminal-SNR model: the rescaled betas, and starting at t = T
+        scheduler_config |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    evidence = [f"family {info.family}: {info.evidence[0]}", f"prediction {prediction}: {prediction_why}"]
+    if zero_snr:
+        why = "model.zero_terminal_snr" if cfg.zero_terminal_snr else "the model's files"
+        evidence.append(f"zero terminal SNR ({why}): rescaled noise schedule; samplers use trailing timesteps")
     return ModelBundle(
         unet=unet,
         vae=vae,
         text_encoders=encoders,
         tokenizers=tokenizers,
-        noise_scheduler=make_noise_scheduler(scheduler_config, zero_terminal_snr=cfg.zero_terminal_snr),
+        noise_scheduler=make_noise_scheduler(scheduler_config, zero_terminal_snr=zero_snr),
         scheduler_config=scheduler_config,
         family=info.family,
         prediction_type=prediction,  # type: ignore[arg-type]
         source=info.path,
         kind=info.kind,
+        zero_terminal_snr=zero_snr,
+        evidence=tuple(evidence),
     )
+
+
+def _prediction_type(info: ModelInfo, wanted: str) -> tuple[str, str]:
+    """The prediction type to train with and why: the files' own, or model.prediction_type where they say nothing.
+
+    A model.prediction_type that contradicts what the files state is an error naming both.
+    """
+    if info.prediction_from is not None:
+        if wanted not in ("auto", info.prediction_type):
+            raise ModelError(
+                f"{info.path}: model.prediction_type is {wanted!r} but the files say {info.prediction_type} "
+                f"({info.prediction_from}); remove model.prediction_type (auto reads it from the files), or correct "
+                "the files if they are wrong"
+            )
+        return info.prediction_type, info.prediction_from  # type: ignore[return-value]
+    if wanted != "auto":
+        return wanted, "model.prediction_type (the files do not say)"
+    if info.prediction_type is None:
+        raise ModelError(
+            f"{info.path}: this SD 2.x model's files do not say whether it predicts v (768-v models) or noise "
+            "(512-base models); set model.prediction_type to v_prediction or epsilon"
+        )
+    return info.prediction_type, f"the usual for {info.family} (the files do not say; set model.prediction_type if not)"
 
 
 def make_noise_scheduler(scheduler_config: dict[str, Any], *, zero_terminal_snr: bool = False) -> DDPMScheduler:
@@ -309,7 +375,8 @@ def make_noise_scheduler(scheduler_config: dict[str, Any], *, zero_terminal_snr:
 
     keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type")
     kwargs = {k: scheduler_config[k] for k in keep if k in scheduler_config}
-    return DDPMScheduler(**kwargs, clip_sample=False, rescale_betas_zero_snr=zero_terminal_snr)
+    zero_snr = zero_terminal_snr or bool(scheduler_config.get("rescale_betas_zero_snr"))
+    return DDPMScheduler(**kwargs, clip_sample=False, rescale_betas_zero_snr=zero_snr)
 
 
 def _from_pretrained(cls: Any, root: Path, subfolder: str | None, **kwargs: Any) -> Any:

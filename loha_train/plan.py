@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -125,12 +126,17 @@ def format_plan(
     plan: RunPlan,
     paths: OutputPaths,
     *,
-    model: str,
+    model: str | Sequence[str],
     adapters: dict[str, dict[str, int]],
     data: str,
 ) -> str:
-    """The `--dry-run` report (also printed at the start of a run)."""
-    lines = ["loha-train plan", f"  model       {model}"]
+    """The `--dry-run` report (also printed at the start of a run).
+
+    `model` is one line, or the model line and then how its family and prediction type were found.
+    """
+    model_lines = [model] if isinstance(model, str) else list(model)
+    lines = ["loha-train plan", f"  model       {model_lines[0]}"]
+    lines += [f"              {line}" for line in model_lines[1:]]
     for component, row in adapters.items():
         lines.append(f"  adapters    {component}: {row['modules']} modules, {row['params']:,} trainable parameters")
     lines.append(f"  data        {data}")

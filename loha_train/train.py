@@ -83,6 +83,7 @@ def train(
     components = sd_components(
         bundle.unet if cfg.network.train_unet else None,
         bundle.text_encoders if cfg.network.train_text_encoder else [],
+        family=bundle.family,
     )
     network = inject_loha(components, cfg.network, seed=cfg.train.seed)
     for module in network.modules.values():
@@ -96,7 +97,7 @@ def train(
     if main and saved is not None:
         _warn_if_layout_changed(saved, plan)
     if main:
-        echo(format_plan(cfg, plan, paths, model=_describe_model(bundle), adapters=network.report(), data=data.summary))
+        echo(format_plan(cfg, plan, paths, model=bundle.describe(), adapters=network.report(), data=data.summary))
     if dry_run:
         return None
 
@@ -391,10 +392,6 @@ def _enable_gradient_checkpointing(bundle: ModelBundle, cfg: Config) -> None:
     if cfg.network.train_text_encoder:
         for te in bundle.text_encoders:
             te.gradient_checkpointing_enable()
-
-
-def _describe_model(bundle: ModelBundle) -> str:
-    return f"{bundle.source} ({bundle.family}, {bundle.prediction_type}, {bundle.kind.replace('_', ' ')})"
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -106,8 +106,8 @@ def test_loading_a_folder_by_path_is_the_same_as_builtin(bundles: dict[str, Mode
     assert_same_weights(load_models(ModelConfig(path=str(tiny_sd_dir))), bundles["tiny-sd"])
 
 
-def test_dtype_zero_terminal_snr_and_prediction_override(tiny_sd_dir: Path) -> None:
-    cfg = ModelConfig(path=str(tiny_sd_dir), dtype="bf16", zero_terminal_snr=True, prediction_type="v_prediction")
+def test_dtype_and_zero_terminal_snr(tiny_sd_dir: Path) -> None:
+    cfg = ModelConfig(path="builtin:tiny-sd-v", dtype="bf16", zero_terminal_snr=True)
     bundle = load_models(cfg)
     assert {p.dtype for m in _components(bundle).values() for p in m.parameters()} == {torch.bfloat16}
     assert bundle.noise_scheduler.alphas_cumprod[-1].item() == pytest.approx(0.0, abs=1e-8)
