@@ -119,7 +119,7 @@ def train(
         if overwrite and resume_from is None:
             _start_over(paths)
         paths.root.mkdir(parents=True, exist_ok=True)
-        _write_atomic(paths.config, dump_config(cfg))
+        export.write_atomic(paths.config, dump_config(cfg).encode("utf-8"))
     log = MetricsLog(paths.logs, start_step=step, enabled=main)
     if step == 0 and data.problems:
         log.scalars(0, {"skipped_bad_files": data.problems})  # data.skip_bad_images: the count stays in the run log
@@ -392,12 +392,6 @@ def _enable_gradient_checkpointing(bundle: ModelBundle, cfg: Config) -> None:
     if cfg.network.train_text_encoder:
         for te in bundle.text_encoders:
             te.gradient_checkpointing_enable()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def _progress(total: int, start: int, enabled: bool) -> Any:
