@@ -19,7 +19,8 @@ usage: loha-train CONFIG.yaml [options]                 train (see loha-train CO
        loha-train merge --base MODEL --adapter FILE --out PATH [--multiplier M] [--precision P] [--overwrite]
 
 MODEL is a diffusers folder, a single-file .safetensors/.ckpt, or builtin:tiny-sd.
-Exit status: 0 success, 1 a check failed (inspect --base), 2 a usage or input error."""
+Exit status: 0 success, 1 a check failed (inspect --base) or the disk is full, 2 a usage or input error,
+128+N training stopped by signal N (2 Ctrl-C, 15 kill) after writing a checkpoint."""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
