@@ -93,6 +93,11 @@ def resolve_resume(output_dir: Path, which: str) -> Path:
             )
         return found[-1][1]
     path = Path(which)
+    if _LEFTOVER.match(path.name):
+        raise CheckpointError(
+            f"--resume {which}: a partial checkpoint left by a run that was killed while writing or deleting it; "
+            f"use `--resume latest` or a complete folder such as {checkpoint_path(output_dir, 100)}."
+        )
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(
             f"--resume {which}: not a complete checkpoint folder (it has no {STATE_FILE}); "
@@ -194,7 +199,10 @@ def load_checkpoint(accelerator: Any, path: Path) -> TrainState:
         ) from exc
     except (OSError, RuntimeError, ValueError, KeyError, EOFError, SafetensorError) as exc:
         reason = (str(exc).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"Checkpoint {path} could not be loaded ({type(exc).__name__}: {reason})") from exc
+        raise CheckpointError(
+            f"Checkpoint {path} could not be loaded ({type(exc).__name__}: {reason}); pass an earlier checkpoint "
+            "folder to --resume."
+        ) from exc
     return state
 
 
