@@ -16,8 +16,9 @@ from .adapter_spec import AdapterSpec, ModuleSpec, network_config_from_file
 from .consumers import ConsumerCheck, ConsumerModel, Target, check_comfyui, check_webui, disagreements
 from .export import load_adapter
 
-_CONV_NAME = re.compile(
+_CONV_NAME = re.compile(  # diffusers names, then the original (SGM) layout of SDXL files
     r"(conv_in|conv_out|conv1|conv2|conv_shortcut|samplers_0_conv|_op|in_layers_2|out_layers_3|skip_connection)$"
+    r"|^lora_unet_(input_blocks_0_0|out_2|output_blocks_\d+_\d_conv)$"
 )
 _COMPONENTS = {"unet": "UNet", "te": "text encoder", "te1": "text encoder 1", "te2": "text encoder 2"}
 

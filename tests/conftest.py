@@ -8,9 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from loha_train.builtin import TINY_CLIP_TEXT, TINY_SD_UNET
+from loha_train.consumers import comfy_unet_config, comfy_unet_to_diffusers
+
+# The text-encoder module names both consumers map, after lora_te_/lora_te1_/lora_te2_text_model_encoder_layers_N_.
+TE_SUFFIXES = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")
 
 
 def make_tiny_unet(seed: int = 0) -> UNet2DConditionModel:
@@ -21,6 +26,22 @@ def make_tiny_unet(seed: int = 0) -> UNet2DConditionModel:
 def make_tiny_text_encoder(seed: int = 0) -> CLIPTextModel:
     torch.manual_seed(seed)
     return CLIPTextModel(CLIPTextConfig(**TINY_CLIP_TEXT)).eval()
+
+
+def expected_sdxl_keys(unet: nn.Module, encoders: list[nn.Module]) -> set[str]:
+    """SDXL's kohya names: the UNet's from ComfyUI's diffusers -> original-layout table (not from our converter),
+    the text encoders' from the consumers' fixed names."""
+    table = comfy_unet_to_diffusers(comfy_unet_config(unet.config))
+    adaptable = [n for n, m in unet.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    keys = {
+        "lora_unet_" + table[f"{n}.weight"].removesuffix(".weight").replace(".", "_")
+        for n in adaptable
+        if not n.startswith("add_embedding")  # never targeted (inject._UNMAPPED)
+    }
+    for i, te in enumerate(encoders, start=1):
+        layers = te.config.num_hidden_layers
+        keys |= {f"lora_te{i}_text_model_encoder_layers_{j}_{s}" for j in range(layers) for s in TE_SUFFIXES}
+    return keys
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from conftest import make_tiny_text_encoder
+from conftest import TE_SUFFIXES, expected_sdxl_keys, make_tiny_text_encoder
 from diffusers import UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -28,7 +28,6 @@ from loha_train.export import load_adapter, save_adapter
 from loha_train.inject import inject_loha, sd_components
 from loha_train.reference_configs import REFERENCE
 
-TE_SUFFIXES = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")
 # A small UNet with SD 1.x's exact block layout (4 levels, 2 ResNets per level, attention in the first three),
 # the layout WebUI's name conversion hard-codes; builds in well under a second.
 SD1_LAYOUT_UNET = {
@@ -128,25 +127,9 @@ def test_every_key_of_a_full_network_loads_in_webui_and_comfyui(family):
     assert disagreements(webui, comfy) == {}
 
 
-def _expected_sdxl_keys(unet: nn.Module, encoders: list[nn.Module]) -> set[str]:
-    """SDXL's kohya names: the UNet's from ComfyUI's diffusers -> original-layout table (not from our converter),
-    the text encoders' from the consumers' fixed names."""
-    table = comfy_unet_to_diffusers(comfy_unet_config(unet.config))
-    adaptable = [n for n, m in unet.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
-    keys = {
-        "lora_unet_" + table[f"{n}.weight"].removesuffix(".weight").replace(".", "_")
-        for n in adaptable
-        if not n.startswith("add_embedding")  # loads in ComfyUI only: never a target
-    }
-    for i, te in enumerate(encoders, start=1):
-        layers = te.config.num_hidden_layers
-        keys |= {f"lora_te{i}_text_model_encoder_layers_{j}_{s}" for j in range(layers) for s in TE_SUFFIXES}
-    return keys
-
-
 def test_sdxl_keys_are_original_layout_names_that_both_consumers_load():
     unet, encoders, model = _meta_sd("sdxl")
-    expected = _expected_sdxl_keys(unet, encoders)
+    expected = expected_sdxl_keys(unet, encoders)
     network = inject_loha(sd_components(unet, encoders), NetworkConfig(preset="full", rank=2, conv_rank=2))
     assert set(network.modules) == expected
     deltas = _deltas(network)
