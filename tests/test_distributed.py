@@ -6,10 +6,12 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -80,10 +82,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(
-    raw: dict[str, Any], *args: str, script: Path | None = None, timeout: int = 300
-) -> subprocess.CompletedProcess[str]:
-    """`accelerate launch` two CPU processes of `python -m loha_train CONFIG *args` (or of `script`)."""
+def launch_command(raw: dict[str, Any], *args: str, script: Path | None = None) -> tuple[list[str], dict[str, str]]:
+    """`accelerate launch` of two CPU processes of `python -m loha_train CONFIG *args` (or of `script`)."""
     config = Path(raw["output"]["dir"]).parent / f"{Path(raw['output']['dir']).name}.yaml"
     config.write_text(yaml.safe_dump(raw))
     # accelerate starts several CPU processes only through its multi-GPU (torchrun) launcher with
@@ -99,7 +99,13 @@ def launch(
         "CUDA_VISIBLE_DEVICES": "",
         "HF_HOME": str(config.parent / "hf-home"),  # no accelerate default_config.yaml of the machine's user
     }
-    command = [*launcher, *target, str(config), *args]
+    return [*launcher, *target, str(config), *args], env
+
+
+def launch(
+    raw: dict[str, Any], *args: str, script: Path | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess[str]:
+    command, env = launch_command(raw, *args, script=script)
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -221,6 +227,32 @@ def test_a_failing_rank_stops_the_launch_with_an_error(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "injected failure on rank 1" in done.stderr
     assert not (out / "loha.safetensors").exists() and not (out / "checkpoints").exists()
+
+
+@needs_launcher
+def test_a_signal_to_one_rank_stops_both_at_the_same_step_with_one_checkpoint(tmp_path: Path) -> None:
+    psutil = pytest.importorskip("psutil")  # accelerate's dependency
+    out = tmp_path / "out"
+    command, env = launch_command(raw_config(out, max_steps=100_000, save_every_steps=None))
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while len(steps_logged(out)) < 3:  # training is under way
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[1][-3000:]
+            time.sleep(0.2)
+        ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "loha_train" in p.cmdline()]
+        [rank1] = [p for p in ranks if p.environ().get("RANK") == "1"]
+        rank1.send_signal(signal.SIGTERM)
+        _, stderr = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    assert launcher.returncode != 0
+    assert stderr.count("loha-train: stopped at step") == 1, stderr[-3000:]  # printed by rank 0 only
+    [checkpoint] = (out / "checkpoints").iterdir()
+    state = json.loads((checkpoint / "train_state.json").read_text())
+    assert state["step"] == steps_logged(out)[-1]  # rank 0 stopped where rank 1 did
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in checkpoint.iterdir()}
+    assert not (out / "loha.safetensors").exists()
 
 
 # --- the pieces, in one process ----------------------------------------------------------------------------------
