@@ -63,8 +63,8 @@ def train(
     from accelerate.utils import DistributedDataParallelKwargs
 
     paths = OutputPaths(Path(cfg.output.dir), cfg.output.name)
-    resume_from = None if dry_run else _check_output_folder(paths, resume, overwrite)
     _refuse_sharded_engines()
+    resume_from = None if dry_run else _check_output_folder(paths, resume, overwrite)
     ddp = DistributedDataParallelKwargs()  # read at prepare(); find_unused_parameters is set once the family is known
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision, step_scheduler_with_optimizer=False, kwargs_handlers=[ddp]
