@@ -198,6 +198,12 @@ RULES: tuple[_Rule, ...] = (
         lambda model: model.zero_terminal_snr and model.prediction_type == "epsilon",
         "needs model.prediction_type: v_prediction (with epsilon the last timestep predicts nothing)",
     ),
+    # Samples from a zero-terminal-SNR model need the rescaled schedule, which diffusers' PNDM does not offer.
+    _Rule(
+        "sample.sampler",
+        lambda model, sample: model.zero_terminal_snr and sample.sampler == "pndm",
+        "pndm cannot sample with model.zero_terminal_snr (no rescaled schedule); use euler, euler_a, ddim or dpmpp_2m",
+    ),
 )
 
 
