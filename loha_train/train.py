@@ -318,15 +318,18 @@ _SHARDED_ENGINES = {
 
 
 def _refuse_sharded_engines() -> None:
-    """DeepSpeed/FSDP/Megatron save and load their own checkpoint layout and own the gradient accumulation:
-    our adapter-only checkpoints and manual no_sync accumulation do not work under them, so refuse up front."""
+    """Refuse DeepSpeed/FSDP/Megatron up front. Under them accelerate's save_state writes the engine's
+    whole-model checkpoint instead of our adapter-only one, DeepSpeed steps the optimizer inside backward (our
+    manual accumulation would step on every micro-batch), and ZeRO-3/FSDP shard the frozen weights that the LoHa
+    layers read directly."""
     for variable, engine in _SHARDED_ENGINES.items():
         if os.environ.get(variable, "false").lower() in {"1", "true", "yes", "on", "y", "t"}:
             raise TrainingError(
-                f"{engine} is not supported (accelerate launched with {variable}): its checkpoints would not "
-                "hold the adapter. Use plain data parallel: `accelerate launch --multi_gpu --num_processes N` "
-                "(or answer 'no' to DeepSpeed/FSDP in `accelerate config`). A LoHa adapter and its optimizer "
-                "state are a few MB, so ZeRO/FSDP sharding would save almost no memory here."
+                f"{engine} is not supported (accelerate launched with {variable}): it takes over gradient "
+                "accumulation, the optimizer step and the checkpoint format, so runs would not train or resume "
+                "as configured. Use plain data parallel: `accelerate launch --multi_gpu --num_processes N` (or "
+                "answer NO to DeepSpeed and FSDP in `accelerate config`). The adapter and its optimizer state "
+                "are a few MB, so ZeRO-2 sharding would save almost no memory here."
             )
 
 
