@@ -35,7 +35,7 @@ def tiny_model_for(path: Path) -> str:
 
 
 def test_configs_exist() -> None:
-    assert {"quickstart.yaml", "sd15.yaml"} <= {p.name for p in CONFIGS}
+    assert {"quickstart.yaml", "sd15.yaml", "sd21-v.yaml", "sdxl.yaml"} <= {p.name for p in CONFIGS}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
