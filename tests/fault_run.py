@@ -66,7 +66,7 @@ def _in_export() -> None:
     original = export._publish
 
     def publish(tmp: Path, path: Path) -> None:
-        if "-step-" not in path.name:  # the final adapter, not a periodic export
+        if path.suffix == ".safetensors" and "-step-" not in path.name:  # the final adapter, not a periodic one
             tmp.write_bytes(tmp.read_bytes()[: tmp.stat().st_size // 2])
             _die()
         original(tmp, path)

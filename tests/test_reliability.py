@@ -482,7 +482,14 @@ def test_a_full_disk_during_the_final_export_keeps_the_previous_adapter(
     assert loha([path, "--set", "train.max_steps=4"], capsys)[0] == 0
     previous = (out / "loha.safetensors").read_bytes()
 
-    monkeypatch.setattr(export, "_publish", lambda tmp, final: (_ for _ in ()).throw(DISK_FULL))
+    publish = export._publish
+
+    def fail_on_the_adapter(tmp: Path, final: Path) -> None:
+        if final.name == "loha.safetensors":
+            raise DISK_FULL
+        publish(tmp, final)
+
+    monkeypatch.setattr(export, "_publish", fail_on_the_adapter)
     status, _, err = loha([path, "--resume", "latest"], capsys)  # trains on to 8 steps
     assert status == 1 and f"no space left on the device while writing {out / 'loha.safetensors'}. " in err, err
     assert (out / "loha.safetensors").read_bytes() == previous
@@ -540,12 +547,35 @@ def test_a_full_disk_while_saving_samples_names_the_file_and_leaves_no_partial(
 ) -> None:
     from PIL import Image
 
-    out = tmp_path / "out"
+    out, original = tmp_path / "out", Image.Image.save
     path = config(tmp_path, sample__prompts=["a red circle"], sample__steps=1)
-    monkeypatch.setattr(Image.Image, "save", lambda *a, **k: (_ for _ in ()).throw(DISK_FULL))
+
+    def save(image: Image.Image, fp: Any, *args: Any, **kwargs: Any) -> None:
+        if str(out) in str(fp):
+            raise DISK_FULL
+        original(image, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save)
     status, _, err = loha([path], capsys)
     assert status == 1 and f"while writing {out / 'samples/step-000000-00.png'}. " in err, err
     assert [p.name for p in (out / "samples").iterdir()] == []
+
+
+def test_a_full_disk_while_caching_latents_is_reported_as_such(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors import SafetensorError
+
+    from loha_train.data import caches
+
+    def save_file(*args: Any, **kwargs: Any) -> None:
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(caches, "save_file", save_file)
+    images = shapes_copy(tmp_path)
+    status, _, err = loha([config(tmp_path, data__path=str(images), data__cache_latents="disk")], capsys)
+    assert status == 1 and "loha-train: error: no space left on the device while writing a file (" in err, err
+    assert not list((images / ".loha-cache").rglob("*.tmp")), "a partial cache entry was left"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -679,6 +709,14 @@ def test_resume_latest_with_only_a_partial_checkpoint_is_a_clear_error(
     status, _, err = loha([config(tmp_path), "--resume", "latest"], capsys)
     assert status == 2
     assert f"no complete checkpoint under {out / 'checkpoints'} (only .step-000004.tmp, left incomplete" in err
+
+
+def test_resume_from_a_partial_folder_by_path_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    partial = tmp_path / "out/checkpoints/.step-000004.tmp"
+    partial.mkdir(parents=True)
+    (partial / "train_state.json").write_text("{}")
+    status, _, err = loha([config(tmp_path), "--resume", partial], capsys)
+    assert status == 2 and f"--resume {partial}: a partial checkpoint left by a run that was killed" in err
 
 
 def test_leftovers_of_killed_writes_are_ignored_then_cleaned(
