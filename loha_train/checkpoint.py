@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -110,6 +111,7 @@ def register_adapter_hooks(accelerator: Any, network: LoHaNetwork) -> None:
     """Make accelerate's save_state/load_state store only the adapter tensors, not the frozen base model."""
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
+        _refuse_non_finite(network)  # on every process, so that all of them stop together
         if accelerator.is_main_process:
             state = {k: v.detach().float().contiguous().cpu() for k, v in network.state_dict().items()}
             save_file(state, str(Path(output_dir) / ADAPTER_FILE))
@@ -121,6 +123,17 @@ def register_adapter_hooks(accelerator: Any, network: LoHaNetwork) -> None:
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def _refuse_non_finite(network: LoHaNetwork) -> None:
+    """A checkpoint is only ever written with finite weights, so "the last checkpoint" is always a good one."""
+    for key, tensor in network.state_dict().items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"The adapter tensor {key} holds NaN or inf values (an optimizer step overflowed), so this "
+                "checkpoint is not written; the checkpoints written before are intact. Lower train.lr or clip "
+                "gradients (train.max_grad_norm), then continue with --resume latest."
+            )
 
 
 def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState, keep_last: int) -> Path:
