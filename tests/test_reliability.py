@@ -400,6 +400,37 @@ def test_nan_policy_skip_skips_the_step_and_counts_it(
         assert all(torch.isfinite(f.get_tensor(k)).all() for k in f.keys())  # noqa: SIM118
 
 
+class _NanGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradients overflow."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("nan")
+
+
+def test_weights_poisoned_by_an_overflowing_step_are_never_checkpointed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import loha_train.runtime as runtime
+
+    original, calls = runtime.diffusion_loss, [0]
+
+    def diffusion_loss(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls[0] += 1
+        loss = original(*args, **kwargs)
+        return _NanGradient.apply(loss) if calls[0] == 4 else loss  # step 4: finite loss, NaN weights after it
+
+    monkeypatch.setattr(runtime, "diffusion_loss", diffusion_loss)
+    out = tmp_path / "out"
+    status, _, err = loha([config(tmp_path, train__save_every_steps=2)], capsys)
+    assert status == 2 and "holds NaN or inf values (an optimizer step overflowed), so this checkpoint" in err, err
+    assert checkpoints(out) == ["step-000002"] and not (out / "loha.safetensors").exists()
+
+
 DISK_FULL = OSError(errno.ENOSPC, "No space left on device")
 
 
