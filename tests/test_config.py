@@ -280,6 +280,7 @@ CONTRADICTIONS = [
     ({"train.validation_every_steps": 10}, "train.validation_every_steps", "needs a validation set"),
     ({"sample.every_n_epochs": 1}, "sample.prompts", "no prompts"),
     ({"model.zero_terminal_snr": True, "model.prediction_type": "epsilon"}, "model.zero_terminal_snr", "v_prediction"),
+    ({"model.zero_terminal_snr": True, "sample.sampler": "pndm"}, "sample.sampler", "pndm cannot sample"),
 ]
 
 
