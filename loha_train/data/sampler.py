@@ -35,6 +35,10 @@ class BucketBatchSampler:
     is impossible (all batches of size 1) are the first batches repeated at the end, like torch's
     DistributedSampler. Rank r takes batches r, r + R, r + 2R, ...
 
+    Ranks may hold batches of different buckets (shapes) at the same step, on purpose: DDP averages gradients,
+    not batches, and a global batch list that does not depend on R is what makes R processes train what one
+    process accumulating R micro-batches would, and lets a run resume with another number of processes.
+
     Use as a DataLoader `batch_sampler`; `set_epoch(epoch, start_batch)` positions it, so a run resumed at
     (epoch, batch) sees exactly the batches an uninterrupted run would. `len()` is this rank's batches
     per epoch, the same for every epoch.
