@@ -36,8 +36,9 @@ class BucketBatchSampler:
     DistributedSampler. Rank r takes batches r, r + R, r + 2R, ...
 
     Ranks may hold batches of different buckets (shapes) at the same step, on purpose: DDP averages gradients,
-    not batches, and a global batch list that does not depend on R is what makes R processes train what one
-    process accumulating R micro-batches would, and lets a run resume with another number of processes.
+    not batches, and a global batch list that does not depend on R (whenever its length divides by R) is what
+    makes R processes train what one process accumulating R micro-batches would, and lets a run resume exactly
+    with another number of processes.
 
     Use as a DataLoader `batch_sampler`; `set_epoch(epoch, start_batch)` positions it, so a run resumed at
     (epoch, batch) sees exactly the batches an uninterrupted run would. `len()` is this rank's batches
