@@ -338,7 +338,7 @@ def _check_launch(accelerator: Any) -> None:
     engine = str(accelerator.distributed_type).rsplit(".", 1)[-1]
     if engine in {"DEEPSPEED", "FSDP", "MEGATRON_LM"}:
         raise TrainingError(f"accelerate set up {engine}, which loha-train does not support; use plain data parallel.")
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = int(os.environ.get("WORLD_SIZE") or accelerator.num_processes)  # unset under mpirun
     if launched != accelerator.num_processes:
         raise TrainingError(
             f"launched as {launched} processes (WORLD_SIZE), but accelerate set up {accelerator.num_processes}: "
