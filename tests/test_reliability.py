@@ -36,9 +36,9 @@ def write_config(path: Path, raw: dict[str, Any]) -> Path:
     return path
 
 
-def config(tmp_path: Path, out: str = "out", name: str = "run.yaml", **sets: Any) -> Path:
-    """A tiny training config (test_train.tiny_raw) written to tmp_path/name, output in tmp_path/out."""
-    return write_config(tmp_path / name, tiny_raw(tmp_path / out, **sets))
+def config(tmp_path: Path, **sets: Any) -> Path:
+    """A tiny training config (test_train.tiny_raw) written to tmp_path/run.yaml, output in tmp_path/out."""
+    return write_config(tmp_path / "run.yaml", tiny_raw(tmp_path / "out", **sets))
 
 
 def loha(argv: list[str | Path], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -133,6 +133,7 @@ def test_bad_config_lists_every_problem_through_the_real_cli(tmp_path: Path) -> 
         text=True,
         timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,  # output.dir `out` is relative
     )
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
@@ -281,8 +282,8 @@ def test_bad_data_stops_a_run_before_its_first_step_and_skipped_files_are_counte
 # --- 3. bad model: one error naming the file and what was expected -----------------------------------------------
 
 
-def _fake_ldm(path: Path, half: bool = False) -> None:
-    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32, 4, 3, 3)}, str(path))
+def _fake_ldm(path: Path, half: bool = False, in_channels: int = 4) -> None:
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32, in_channels, 3, 3)}, str(path))
     if half:
         path.write_bytes(_half(path))
 
@@ -297,6 +298,11 @@ BAD_MODELS: dict[str, tuple[str, Callable[[Path], None], str]] = {
     # case: (file name, how to make it, what the message says)
     "folder without model_index.json": ("some-folder", lambda p: p.mkdir(), "not a diffusers model folder"),
     "unsupported architecture": ("flux", _foreign_folder, "unsupported architecture 'FluxPipeline'"),
+    "unsupported single file": (
+        "inpaint.safetensors",
+        lambda p: _fake_ldm(p, in_channels=9),
+        "UNet with 9 input channels (inpainting or edit model); expected 4",
+    ),
     "not a checkpoint file": ("model.bin", lambda p: p.write_bytes(b"\0" * 64), "expected a diffusers folder, a .safe"),
     "a LoRA, not a checkpoint": (
         "lora.safetensors",
