@@ -157,10 +157,12 @@ def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState, keep_
             _fsync_tree(tmp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            if final.exists():  # the same step saved again (an interrupted run re-saving): replace it whole
-                _remove(final)
+            doomed = final.with_name(f".{final.name}.deleting")
+            if final.exists():  # the same step saved again (resumed from an older one): renamed away, never half
+                os.replace(final, doomed)  # deleted under its own name, where --resume latest would pick it
             os.replace(tmp, final)
             _fsync_dir(final.parent)
+            _remove(doomed)
             rotate_checkpoints(output_dir, keep_last)
     except (OSError, RuntimeError, SafetensorError) as exc:  # torch.save reports a full disk as a RuntimeError
         full = accelerator.is_main_process and _disk_full(exc, tmp)
