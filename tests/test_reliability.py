@@ -756,6 +756,17 @@ def test_resume_from_a_partial_folder_by_path_is_refused(tmp_path: Path, capsys:
     assert status == 2 and f"--resume {partial}: a partial checkpoint left by a run that was killed" in err
 
 
+def test_resuming_an_older_checkpoint_replaces_the_later_ones_whole(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], reference: Path
+) -> None:
+    out, path = tmp_path / "out", config(tmp_path, train__save_every_steps=2)
+    assert loha([path], capsys)[0] == 0
+    assert loha([path, "--resume", out / "checkpoints/step-000004"], capsys)[0] == 0  # saves 6 and 8 again
+    assert checkpoints(out) == ["step-000004", "step-000006", "step-000008"]
+    assert snapshot(out / "checkpoints") == snapshot(reference / "checkpoints")
+    assert_same_adapter(out / "loha.safetensors", reference / "loha.safetensors")
+
+
 def test_leftovers_of_killed_writes_are_ignored_then_cleaned(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], reference: Path
 ) -> None:
