@@ -124,15 +124,68 @@ def _conv_grads(grad: Tensor, x: Tensor, weight: Tensor, args: tuple[list[int], 
 
 
 def _pointwise(m: Tensor, h: Tensor) -> Tensor:
-    """A 1x1 conv as a batched matmul: m (out, c), h (B, c, H, W) -> (B, out, H, W)."""
-    b, _, hh, ww = h.shape
-    return torch.matmul(m, h.reshape(b, h.shape[1], hh * ww)).reshape(b, m.shape[0], hh, ww)
+    """A 1x1 conv as a matmul: m (out, c), h (B, c, H, W) -> (B, out, H, W)."""
+    b, c, hh, ww = h.shape
+    if b == 1:  # one GEMM, no broadcast batch (the common case: batch 1 per process)
+        return (m @ h.reshape(c, hh * ww)).reshape(1, m.shape[0], hh, ww)
+    return torch.matmul(m, h.reshape(b, c, hh * ww)).reshape(b, m.shape[0], hh, ww)
 
 
 def _pointwise_weight_grad(g: Tensor, h: Tensor) -> Tensor:
     """Gradient of the 1x1 conv's matrix: sum over batch and pixels of g (B, out, .) h (B, c, .)^T -> (out, c)."""
     b = g.shape[0]
+    if b == 1:
+        return g.reshape(g.shape[1], -1) @ h.reshape(h.shape[1], -1).T
     return torch.einsum("bon,bcn->oc", g.reshape(b, g.shape[1], -1), h.reshape(b, h.shape[1], -1))
+
+
+def is_pointwise(conv_weight: Tensor, args: tuple[list[int], list[int], list[int]]) -> bool:
+    """A 1x1 conv with stride 1, no padding and no dilation: a matmul over channels."""
+    stride, padding, dilation = args
+    return conv_weight.shape[2:] == (1, 1) and stride == [1, 1] and padding == [0, 0] and dilation == [1, 1]
+
+
+class FusedLoHaPointwise(torch.autograd.Function):
+    """A 1x1 LoHa conv (stride 1, no padding) done as matmuls: y = W x + b + U (V x) per pixel."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, w1a: Tensor, w1b: Tensor, w2a: Tensor,
+        w2b: Tensor, row_scale: Tensor,
+    ) -> Tensor:  # fmt: skip
+        dt = compute_dtype(x)
+        with _NoAutocast(x.device.type):
+            xc = x.to(dt)
+            u = (khatri_rao_rows(w1a, w2a) * _column(row_scale)).to(dt)
+            v = khatri_rao_cols(w1b, w2b).to(dt)
+            w = weight.reshape(weight.shape[0], -1).to(dt)
+            h = _pointwise(v, xc)
+            y = _pointwise(w, xc)
+            if bias is not None:
+                y.add_(bias.to(dt).reshape(1, -1, 1, 1))
+            y.add_(_pointwise(u, h))
+        ctx.save_for_backward(xc, h, weight, w1a, w1b, w2a, w2b, row_scale)
+        ctx.dt, ctx.x_dtype = dt, x.dtype
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        xc, h, weight, w1a, w1b, w2a, w2b, row_scale = ctx.saved_tensors
+        dt = ctx.dt
+        with _NoAutocast(grad.device.type):
+            g = grad.to(dt)
+            scale = _column(row_scale)
+            u = (khatri_rao_rows(w1a, w2a) * scale).to(dt)
+            v = khatri_rao_cols(w1b, w2b).to(dt)
+            gh = _pointwise(u.T, g)
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                w = weight.reshape(weight.shape[0], -1).to(dt)
+                grad_x = _pointwise(w.T, g).add_(_pointwise(v.T, gh)).to(ctx.x_dtype)
+            grad_w1a, grad_w2a = _kr_rows_grad(_pointwise_weight_grad(g, h).to(w1a.dtype) * scale, w1a, w2a)
+            grad_w1b, grad_w2b = _kr_cols_grad(_pointwise_weight_grad(gh, xc).to(w1b.dtype), w1b, w2b)
+        return grad_x, None, None, grad_w1a, grad_w1b, grad_w2a, grad_w2b, None
 
 
 class FusedLoHaConv(torch.autograd.Function):
@@ -167,7 +220,7 @@ class FusedLoHaConv(torch.autograd.Function):
             scale = _column(row_scale)
             u = (khatri_rao_rows(w1a, w2a) * scale).to(dt)
             v4 = khatri_rao_cols(w1b, w2b).reshape(u.shape[1], -1, *weight.shape[2:]).to(dt)
-            gh = _pointwise(u.T.contiguous(), g)
+            gh = _pointwise(u.T, g)
             grad_x, grad_v4 = _conv_grads(gh, xc, v4, args, need_x)
             if need_x:
                 grad_x = grad_x.add_(_conv_input_grad(g, xc, weight.to(dt), args)).to(ctx.x_dtype)
@@ -210,11 +263,11 @@ class FusedLoHaConvCP(torch.autograd.Function):
             a = (khatri_rao_rows(w1a.T, w2a.T) * scale).to(dt)
             b = khatri_rao_cols(w1b, w2b).to(dt)
             core = cp_core(t1, t2).to(dt)
-            gh2 = _pointwise(a.T.contiguous(), g)
+            gh2 = _pointwise(a.T, g)
             gh1, grad_core = _conv_grads(gh2, h1, core, args, need_x=True)
             grad_x = None
             if ctx.needs_input_grad[0]:
-                grad_x = _pointwise(b.T.contiguous(), gh1)
+                grad_x = _pointwise(b.T, gh1)
                 grad_x = grad_x.add_(_conv_input_grad(g, xc, weight.to(dt), args)).to(ctx.x_dtype)
             ga1, ga2 = _kr_rows_grad(_pointwise_weight_grad(g, h2).to(w1a.dtype) * scale, w1a.T, w2a.T)
             grad_w1b, grad_w2b = _kr_cols_grad(_pointwise_weight_grad(gh1, xc).to(w1b.dtype), w1b, w2b)

@@ -8,7 +8,14 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as LF
-from .kernels import FusedLoHaConv, FusedLoHaConvCP, FusedLoHaLinear, FusedMergedLoHa
+from .kernels import (
+    FusedLoHaConv,
+    FusedLoHaConvCP,
+    FusedLoHaLinear,
+    FusedLoHaPointwise,
+    FusedMergedLoHa,
+    is_pointwise,
+)
 
 ADAPTER_SUFFIXES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha")
 
@@ -255,9 +262,10 @@ class LoHaConv2d(LoHaModule):
                 x, conv.weight, conv.bias, self.hada_t1, self.hada_w1_a, self.hada_w1_b,
                 self.hada_t2, self.hada_w2_a, self.hada_w2_b, row_scale, args,
             )  # fmt: skip
-        return FusedLoHaConv.apply(
-            x, conv.weight, conv.bias, self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, row_scale, args
-        )
+        plain = (self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b)
+        if is_pointwise(conv.weight, args):
+            return FusedLoHaPointwise.apply(x, conv.weight, conv.bias, *plain, row_scale)
+        return FusedLoHaConv.apply(x, conv.weight, conv.bias, *plain, row_scale, args)
 
     def delta_weight(self) -> Tensor:
         if self._cp:

@@ -33,6 +33,9 @@ def _layers() -> list[tuple[str, nn.Module, torch.Tensor, dict]]:
         for cp in (False, True):
             conv = nn.Conv2d(**kw).double()
             out.append((f"conv{name}-cp{cp}", conv, torch.randn(2, 6, 7, 7, dtype=torch.float64), {"use_cp": cp}))
+    for name in ("1x1", "3x3"):  # batch 1 takes the plain-GEMM branch of the 1x1 matmuls
+        conv = nn.Conv2d(**CONVS[name]).double()
+        out.append((f"conv{name}-batch1", conv, torch.randn(1, 6, 7, 7, dtype=torch.float64), {"use_cp": True}))
     return out
 
 
