@@ -165,7 +165,7 @@ def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState, keep_
             _remove(doomed)
             rotate_checkpoints(output_dir, keep_last)
     except (OSError, RuntimeError, SafetensorError) as exc:  # torch.save reports a full disk as a RuntimeError
-        full = accelerator.is_main_process and _disk_full(exc, tmp)
+        full = accelerator.is_main_process and disk_full(exc, tmp)
         if accelerator.is_main_process:
             _remove(tmp)
         raise _write_error(final, exc, full) from exc
@@ -177,8 +177,10 @@ def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState, keep_
     return final
 
 
-def _disk_full(exc: BaseException, where: Path) -> bool:
-    """Whether a failed write ran out of space: by errno, by message (safetensors), or by the free space left."""
+def disk_full(exc: BaseException, where: Path | None = None) -> bool:
+    """Whether a failed write ran out of space: ENOSPC/EDQUOT anywhere in the exception chain, the message of a
+    library that drops the errno (safetensors: "No space left on device (os error 28)"), or, given `where`, less
+    than 1 MiB free there."""
     cause: BaseException | None = exc
     while cause is not None:
         if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -186,6 +188,8 @@ def _disk_full(exc: BaseException, where: Path) -> bool:
         if "No space left on device" in str(cause) or "Disk quota exceeded" in str(cause):
             return True
         cause = cause.__cause__ or cause.__context__
+    if where is None:
+        return False
     try:
         return shutil.disk_usage(where).free < 1 << 20
     except OSError:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import errno
 import json
 import logging
 import os
@@ -159,7 +158,9 @@ def _cmd_train(argv: Sequence[str]) -> int:
             )
         return 128 + stop.signum
     except Exception as e:
-        if not _disk_full(e):
+        from .checkpoint import disk_full
+
+        if not disk_full(e):
             raise
         where = getattr(e, "filename", None) or f"a file ({e})"
         print(
@@ -199,19 +200,6 @@ def _keep_freed_memory() -> None:
     mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's largest allowed threshold
     mallopt(m_trim_threshold, 2**31 - 1)
     mallopt(m_top_pad, 2**28)
-
-
-def _disk_full(error: BaseException) -> bool:
-    """ENOSPC/EDQUOT anywhere in the exception chain, or in the message of a library that drops the errno
-    (safetensors raises SafetensorError("... No space left on device (os error 28)"))."""
-    cause: BaseException | None = error
-    while cause is not None:
-        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(cause) or "Disk quota exceeded" in str(cause):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
 
 
 def argv_for_resume(argv: Sequence[str]) -> list[str]:

@@ -51,6 +51,11 @@ def _cp_core_grad(grad: Tensor, t1: Tensor, t2: Tensor) -> tuple[Tensor, Tensor]
     return torch.einsum("iajbkl,abkl->ijkl", g6, t2), torch.einsum("iajbkl,ijkl->abkl", g6, t1)
 
 
+def _plain_uv(w1a: Tensor, w1b: Tensor, w2a: Tensor, w2b: Tensor, scale: Tensor, dt: torch.dtype) -> tuple:
+    """The rank-r^2 pair of the plain form in the compute dtype: U (out, r^2) with the row scale, V (r^2, in)."""
+    return (khatri_rao_rows(w1a, w2a) * scale).to(dt), khatri_rao_cols(w1b, w2b).to(dt)
+
+
 class _NoAutocast:
     """Run a block with autocast off for x's device (the node already picked its dtype)."""
 
@@ -75,8 +80,7 @@ class FusedLoHaLinear(torch.autograd.Function):
         dt = compute_dtype(x)
         with _NoAutocast(x.device.type):
             x2 = x.reshape(-1, x.shape[-1]).to(dt)
-            u = (khatri_rao_rows(w1a, w2a) * _column(row_scale)).to(dt)
-            v = khatri_rao_cols(w1b, w2b).to(dt)
+            u, v = _plain_uv(w1a, w1b, w2a, w2b, _column(row_scale), dt)
             w = weight.to(dt)
             h = x2 @ v.T
             y = torch.addmm(bias.to(dt), x2, w.T) if bias is not None else x2 @ w.T
@@ -93,8 +97,7 @@ class FusedLoHaLinear(torch.autograd.Function):
         with _NoAutocast(grad.device.type):
             g2 = grad.reshape(-1, weight.shape[0]).to(dt)
             scale = _column(row_scale)
-            u = (khatri_rao_rows(w1a, w2a) * scale).to(dt)
-            v = khatri_rao_cols(w1b, w2b).to(dt)
+            u, v = _plain_uv(w1a, w1b, w2a, w2b, scale, dt)
             gh = g2 @ u
             grad_x = None
             if ctx.needs_input_grad[0]:
@@ -156,8 +159,7 @@ class FusedLoHaPointwise(torch.autograd.Function):
         dt = compute_dtype(x)
         with _NoAutocast(x.device.type):
             xc = x.to(dt)
-            u = (khatri_rao_rows(w1a, w2a) * _column(row_scale)).to(dt)
-            v = khatri_rao_cols(w1b, w2b).to(dt)
+            u, v = _plain_uv(w1a, w1b, w2a, w2b, _column(row_scale), dt)
             h = _pointwise(v, xc)
             # the base part through the same conv as the unwrapped layer, so a zero delta is bit-identical to it
             y = torch.conv2d(xc, weight.to(dt), None if bias is None else bias.to(dt))
@@ -174,8 +176,7 @@ class FusedLoHaPointwise(torch.autograd.Function):
         with _NoAutocast(grad.device.type):
             g = grad.to(dt)
             scale = _column(row_scale)
-            u = (khatri_rao_rows(w1a, w2a) * scale).to(dt)
-            v = khatri_rao_cols(w1b, w2b).to(dt)
+            u, v = _plain_uv(w1a, w1b, w2a, w2b, scale, dt)
             gh = _pointwise(u.T, g)
             grad_x = None
             if ctx.needs_input_grad[0]:
@@ -198,8 +199,8 @@ class FusedLoHaConv(torch.autograd.Function):
         stride, padding, dilation = args
         with _NoAutocast(x.device.type):
             xc = x.to(dt)
-            u = (khatri_rao_rows(w1a, w2a) * _column(row_scale)).to(dt)
-            v4 = khatri_rao_cols(w1b, w2b).reshape(u.shape[1], -1, *weight.shape[2:]).to(dt)
+            u, v = _plain_uv(w1a, w1b, w2a, w2b, _column(row_scale), dt)
+            v4 = v.reshape(u.shape[1], -1, *weight.shape[2:])
             y = torch.conv2d(xc, weight.to(dt), None if bias is None else bias.to(dt), stride, padding, dilation)
             h = torch.conv2d(xc, v4, None, stride, padding, dilation)
             y.add_(_pointwise(u, h))
@@ -216,8 +217,8 @@ class FusedLoHaConv(torch.autograd.Function):
         with _NoAutocast(grad.device.type):
             g = grad.to(dt)
             scale = _column(row_scale)
-            u = (khatri_rao_rows(w1a, w2a) * scale).to(dt)
-            v4 = khatri_rao_cols(w1b, w2b).reshape(u.shape[1], -1, *weight.shape[2:]).to(dt)
+            u, v = _plain_uv(w1a, w1b, w2a, w2b, scale, dt)
+            v4 = v.reshape(u.shape[1], -1, *weight.shape[2:])
             gh = _pointwise(u.T, g)
             grad_x, grad_v4 = _conv_grads(gh, xc, v4, args, need_x)
             if need_x:

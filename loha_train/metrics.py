@@ -105,13 +105,7 @@ def loss_curve_png(metrics_path: Path, out_path: Path, key: str = "loss", size: 
         draw.text((left, bottom + 8), f"step {s0}", fill="black")
         draw.text((right - 70, bottom + 8), f"step {s1}", fill="black")
     draw.text((left + 5, top + 5), f"training {key}", fill="black")
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, out_path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror or str(e), str(out_path)) from e
+    save_png(image, out_path)
     return out_path
 
 
@@ -123,3 +117,14 @@ def _moving_average(values: list[float], window: int) -> list[float]:
             acc -= values[i - window]
         out.append(acc / min(i + 1, window))
     return out
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """Write through a hidden temporary file and rename: a full disk or a kill never leaves a torn PNG at `path`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from e

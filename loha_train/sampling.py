@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from PIL import Image
 from torch import nn
 
 from .config import SampleConfig, SamplePrompt
+from .metrics import save_png
 
 _SAMPLERS = {
     "euler": "EulerDiscreteScheduler",
@@ -122,14 +122,3 @@ def save_samples(images: Sequence[Image.Image], folder: Path, step: int) -> Path
     grid_path = folder / f"step-{step:06d}-grid.png"
     save_png(grid(images), grid_path)
     return grid_path
-
-
-def save_png(image: Image.Image, path: Path) -> None:
-    """Write through a hidden temporary file and rename: a full disk or a kill never leaves a torn PNG at `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror or str(e), str(path)) from e
