@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loha_train.clip_bpe import BOS, EOS, train_clip_bpe, write_clip_tokenizer
+from loha_train.reference_configs import SD_SCHEDULE
 
 if TYPE_CHECKING:
     import torch
@@ -65,17 +66,6 @@ TINY_VAE: dict[str, Any] = {
     "norm_num_groups": 8,
     "layers_per_block": 1,
     "sample_size": 64,
-}
-
-# The noise schedule every SD 1.x/2.x model ships (scheduler_config.json of the public repos).
-SD_SCHEDULE: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "steps_offset": 1,
-    "set_alpha_to_one": False,
-    "timestep_spacing": "leading",
 }
 
 # Part of every cache folder name: bump it whenever a builder's output changes, so stale caches are not reused.
@@ -265,7 +255,7 @@ def build_tiny_model(name: str, dest: Path) -> None:
 
     scheduler_cls = getattr(diffusers, spec.scheduler)
     accepted = inspect.signature(scheduler_cls.__init__).parameters
-    settings = {**SD_SCHEDULE, "clip_sample": False, "prediction_type": spec.prediction_type}
+    settings = {**SD_SCHEDULE, "prediction_type": spec.prediction_type}
     scheduler_cls(**{k: v for k, v in settings.items() if k in accepted}).save_pretrained(dest / "scheduler")
     index |= {
         "scheduler": ["diffusers", spec.scheduler],

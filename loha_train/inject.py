@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -327,26 +328,39 @@ def inject_loha(components: list[Component], cfg: NetworkConfig, *, seed: int | 
         comp.module.requires_grad_(False)
     targets = select_targets(components, cfg)
     network = LoHaNetwork()
-    rng_state = torch.random.get_rng_state()
-    if seed is not None:
-        torch.manual_seed(seed)
-    try:
+    with _seeded(seed):
         for cand in targets:
+            if cand.key in network.modules:
+                raise InjectError(f"Two modules map to the same key {cand.key!r}: {cand.qualname}")
             rank, alpha = rank_alpha_for(cand, cfg)
             wrapped = wrap_layer(
                 cand.module, rank, alpha, use_cp=cfg.use_cp,
                 rank_dropout=cfg.rank_dropout, module_dropout=cfg.module_dropout,
             )  # fmt: skip
-            _set_submodule(cand.component.module, cand.path, wrapped)
-            if cand.key in network.modules:
-                raise InjectError(f"Two modules map to the same key {cand.key!r}: {cand.qualname}")
-            network.modules[cand.key] = wrapped
-            network.qualnames[cand.key] = cand.qualname
-            network.components[cand.key] = cand.component.name
-    finally:
-        if seed is not None:
-            torch.random.set_rng_state(rng_state)
+            _install(network, cand.key, cand, wrapped)
     return network
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Seed the factor initialisation when asked, leaving the global RNG as it was afterwards."""
+    if seed is None:
+        yield
+        return
+    rng_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(rng_state)
+
+
+def _install(network: LoHaNetwork, key: str, cand: _Candidate, wrapped: LoHaModule) -> None:
+    """Put the wrapper in the model in place of its base layer and record it in the network under `key`."""
+    _set_submodule(cand.component.module, cand.path, wrapped)
+    network.modules[key] = wrapped
+    network.qualnames[key] = cand.qualname
+    network.components[key] = cand.component.name
 
 
 @dataclass(frozen=True)
@@ -396,20 +410,12 @@ def inject_explicit(
     if twice:
         raise InjectError(f"Keys that name the same module: {'; '.join(twice)}.")
     network = LoHaNetwork()
-    rng_state = torch.random.get_rng_state()
-    if seed is not None:
-        torch.manual_seed(seed)
-    try:
+    with _seeded(seed):
         for target in targets:
             cand = by_key[target.key]
-            wrapped = wrap_layer(cand.module, target.rank, target.alpha, use_cp=target.use_cp)
-            _set_submodule(cand.component.module, cand.path, wrapped)
-            network.modules[target.key] = wrapped
-            network.qualnames[target.key] = cand.qualname
-            network.components[target.key] = cand.component.name
-    finally:
-        if seed is not None:
-            torch.random.set_rng_state(rng_state)
+            _install(
+                network, target.key, cand, wrap_layer(cand.module, target.rank, target.alpha, use_cp=target.use_cp)
+            )
     return network
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-_SCHEDULE: dict[str, Any] = {
+# The noise schedule every SD 1.x/2.x model ships (scheduler_config.json of the public repos).
+SD_SCHEDULE: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
     "beta_end": 0.012,
@@ -64,7 +65,7 @@ SD1: dict[str, dict[str, Any]] = {
     },
     "vae": _SD_VAE,
     "text_encoder": _CLIP_L,
-    "scheduler": {**_SCHEDULE, "prediction_type": "epsilon"},
+    "scheduler": {**SD_SCHEDULE, "prediction_type": "epsilon"},
 }
 
 # OpenCLIP ViT-H/14 text tower without its last layer: SD 2.x conditions on the penultimate layer, and the
@@ -89,7 +90,7 @@ SD2: dict[str, dict[str, Any]] = {
         "projection_dim": 512,
     },
     # No prediction_type: 768-v (v_prediction) and 512-base (epsilon) files have the same keys.
-    "scheduler": dict(_SCHEDULE),
+    "scheduler": dict(SD_SCHEDULE),
 }
 
 SDXL: dict[str, dict[str, Any]] = {
@@ -122,7 +123,7 @@ SDXL: dict[str, dict[str, Any]] = {
         "hidden_act": "gelu",
         "projection_dim": 1280,
     },
-    "scheduler": {**_SCHEDULE, "prediction_type": "epsilon"},
+    "scheduler": {**SD_SCHEDULE, "prediction_type": "epsilon"},
 }
 
 REFERENCE: dict[str, dict[str, dict[str, Any]]] = {"sd1": SD1, "sd2": SD2, "sdxl": SDXL}
