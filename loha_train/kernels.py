@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -17,7 +18,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import functional as LF
-from .functional import cp_core, khatri_rao_cols, khatri_rao_rows
+from .functional import cp_core, khatri_rao_cols
+from .gemm import mm
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -32,16 +34,38 @@ def _column(row_scale: Tensor) -> Tensor:
     return row_scale.reshape(-1, 1) if row_scale.dim() == 1 else row_scale
 
 
-def _kr_rows_grad(grad: Tensor, a: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients of KR_rows(a, c) = [a_i * c_j] (n, r*s) given grad (n, r*s)."""
-    g3 = grad.reshape(a.shape[0], a.shape[1], c.shape[1])
-    return torch.einsum("pij,pj->pi", g3, c), torch.einsum("pij,pi->pj", g3, a)
+# The output-side Khatri-Rao factor is held transposed, Ut = U^T (r^2, out), built from (r, out) rows: the
+# column-wise product of contiguous rows costs a fifth of the row-wise one of (out, r) factors, and its gradient
+# reduces over a leading dimension (mul + sum) instead of running thousands of tiny batched matmuls.
+
+
+def _out_rows(w1a: Tensor, w2a: Tensor, row_scale: Tensor, plain: bool) -> tuple[Tensor, Tensor]:
+    """w1_a, w2_a as contiguous (r, out) rows, the first times the per-output scale (plain LoHa stores (out, r))."""
+    if plain:
+        return (w1a * _column(row_scale)).T.contiguous(), w2a.T.contiguous()
+    return w1a * row_scale, w2a
+
+
+def _factors(
+    w1a: Tensor, w1b: Tensor, w2a: Tensor, w2b: Tensor, row_scale: Tensor, dt: torch.dtype, plain: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(Ut (r^2, out) with the row scale, V (r^2, in), in the compute dtype; the two (r, out) rows Ut came from)."""
+    a1, a2 = _out_rows(w1a, w2a, row_scale, plain)
+    return khatri_rao_cols(a1, a2).to(dt), khatri_rao_cols(w1b, w2b).to(dt), a1, a2
 
 
 def _kr_cols_grad(grad: Tensor, b: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
     """Gradients of KR_cols(b, d) = [b_i * d_j] (r*s, m) given grad (r*s, m)."""
     g3 = grad.reshape(b.shape[0], d.shape[0], b.shape[1])
-    return torch.einsum("ijq,jq->iq", g3, d), torch.einsum("ijq,iq->jq", g3, b)
+    return (g3 * d.unsqueeze(0)).sum(1), (g3 * b.unsqueeze(1)).sum(0)
+
+
+def _out_grads(grad_ut: Tensor, a1: Tensor, a2: Tensor, row_scale: Tensor, plain: bool) -> tuple[Tensor, Tensor]:
+    """Gradients of w1_a, w2_a (in their stored layout) from the gradient of Ut = KR_cols(a1, a2)."""
+    g1, g2 = _kr_cols_grad(grad_ut.to(a1.dtype), a1, a2)
+    if plain:
+        return g1.T * _column(row_scale), g2.T
+    return g1 * row_scale, g2
 
 
 def _cp_core_grad(grad: Tensor, t1: Tensor, t2: Tensor) -> tuple[Tensor, Tensor]:
@@ -51,26 +75,15 @@ def _cp_core_grad(grad: Tensor, t1: Tensor, t2: Tensor) -> tuple[Tensor, Tensor]
     return torch.einsum("iajbkl,abkl->ijkl", g6, t2), torch.einsum("iajbkl,ijkl->abkl", g6, t1)
 
 
-def _plain_uv(w1a: Tensor, w1b: Tensor, w2a: Tensor, w2b: Tensor, scale: Tensor, dt: torch.dtype) -> tuple:
-    """The rank-r^2 pair of the plain form in the compute dtype: U (out, r^2) with the row scale, V (r^2, in)."""
-    return (khatri_rao_rows(w1a, w2a) * scale).to(dt), khatri_rao_cols(w1b, w2b).to(dt)
-
-
-class _NoAutocast:
-    """Run a block with autocast off for x's device (the node already picked its dtype)."""
-
-    def __init__(self, device_type: str) -> None:
-        self._ctx = torch.autocast(device_type=device_type, enabled=False)
-
-    def __enter__(self) -> None:
-        self._ctx.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        self._ctx.__exit__(*exc)
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """Autocast off for the block (the node already picked its dtype); free when autocast is off anyway."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class FusedLoHaLinear(torch.autograd.Function):
-    """y = x W^T + b + ((x V^T) U^T), U = KR(w1a, w2a) * row_scale, V = KR(w1b, w2b)."""
+    """y = x W^T + b + (x V^T) Ut, Ut = KR(w1a^T, w2a^T) * row_scale, V = KR(w1b, w2b)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -78,13 +91,14 @@ class FusedLoHaLinear(torch.autograd.Function):
         w2b: Tensor, row_scale: Tensor,
     ) -> Tensor:  # fmt: skip
         dt = compute_dtype(x)
-        with _NoAutocast(x.device.type):
+        with _no_autocast(x.device.type):
             x2 = x.reshape(-1, x.shape[-1]).to(dt)
-            u, v = _plain_uv(w1a, w1b, w2a, w2b, _column(row_scale), dt)
+            ut, v, _, _ = _factors(w1a, w1b, w2a, w2b, row_scale, dt, plain=True)
+            h = mm(x2, v.T)
+            # the frozen product on the unwrapped layer's own op: a zero delta stays bit-identical to it
             w = weight.to(dt)
-            h = x2 @ v.T
             y = torch.addmm(bias.to(dt), x2, w.T) if bias is not None else x2 @ w.T
-            y.addmm_(h, u.T)
+            y.add_(mm(h, ut))
         ctx.save_for_backward(x2, h, weight, w1a, w1b, w2a, w2b, row_scale)
         ctx.dt, ctx.x_shape, ctx.x_dtype = dt, x.shape, x.dtype
         return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -94,16 +108,15 @@ class FusedLoHaLinear(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x2, h, weight, w1a, w1b, w2a, w2b, row_scale = ctx.saved_tensors
         dt = ctx.dt
-        with _NoAutocast(grad.device.type):
+        with _no_autocast(grad.device.type):
             g2 = grad.reshape(-1, weight.shape[0]).to(dt)
-            scale = _column(row_scale)
-            u, v = _plain_uv(w1a, w1b, w2a, w2b, scale, dt)
-            gh = g2 @ u
+            ut, v, a1, a2 = _factors(w1a, w1b, w2a, w2b, row_scale, dt, plain=True)
+            gh = mm(g2, ut.T)
             grad_x = None
             if ctx.needs_input_grad[0]:
-                grad_x = (g2 @ weight.to(dt)).addmm_(gh, v).reshape(ctx.x_shape).to(ctx.x_dtype)
-            grad_w1a, grad_w2a = _kr_rows_grad((g2.T @ h).to(w1a.dtype) * scale, w1a, w2a)
-            grad_w1b, grad_w2b = _kr_cols_grad((gh.T @ x2).to(w1b.dtype), w1b, w2b)
+                grad_x = mm(g2, weight.to(dt)).add_(mm(gh, v)).reshape(ctx.x_shape).to(ctx.x_dtype)
+            grad_w1a, grad_w2a = _out_grads(mm(h.T, g2), a1, a2, row_scale, plain=True)
+            grad_w1b, grad_w2b = _kr_cols_grad(mm(gh.T, x2).to(w1b.dtype), w1b, w2b)
         return grad_x, None, None, grad_w1a, grad_w1b, grad_w2a, grad_w2b, None
 
 
@@ -130,7 +143,7 @@ def _pointwise(m: Tensor, h: Tensor) -> Tensor:
     """A 1x1 conv as a matmul: m (out, c), h (B, c, H, W) -> (B, out, H, W)."""
     b, c, hh, ww = h.shape
     if b == 1:  # one GEMM, no broadcast batch (the common case: batch 1 per process)
-        return (m @ h.reshape(c, hh * ww)).reshape(1, m.shape[0], hh, ww)
+        return mm(m, h.reshape(c, hh * ww)).reshape(1, m.shape[0], hh, ww)
     return torch.matmul(m, h.reshape(b, c, hh * ww)).reshape(b, m.shape[0], hh, ww)
 
 
@@ -138,7 +151,7 @@ def _pointwise_weight_grad(g: Tensor, h: Tensor) -> Tensor:
     """Gradient of the 1x1 conv's matrix: sum over batch and pixels of g (B, out, .) h (B, c, .)^T -> (out, c)."""
     b = g.shape[0]
     if b == 1:
-        return g.reshape(g.shape[1], -1) @ h.reshape(h.shape[1], -1).T
+        return mm(g.reshape(g.shape[1], -1), h.reshape(h.shape[1], -1).T)
     return torch.einsum("bon,bcn->oc", g.reshape(b, g.shape[1], -1), h.reshape(b, h.shape[1], -1))
 
 
@@ -149,7 +162,7 @@ def is_pointwise(conv_weight: Tensor, args: tuple[list[int], list[int], list[int
 
 
 class FusedLoHaPointwise(torch.autograd.Function):
-    """A 1x1 LoHa conv (stride 1, no padding): y = conv(x, W) + b + U (V x), the adapter part as matmuls."""
+    """A 1x1 LoHa conv (stride 1, no padding): y = conv(x, W) + b + Ut^T (V x), the adapter part as matmuls."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -157,13 +170,13 @@ class FusedLoHaPointwise(torch.autograd.Function):
         w2b: Tensor, row_scale: Tensor,
     ) -> Tensor:  # fmt: skip
         dt = compute_dtype(x)
-        with _NoAutocast(x.device.type):
+        with _no_autocast(x.device.type):
             xc = x.to(dt)
-            u, v = _plain_uv(w1a, w1b, w2a, w2b, _column(row_scale), dt)
+            ut, v, _, _ = _factors(w1a, w1b, w2a, w2b, row_scale, dt, plain=True)
             h = _pointwise(v, xc)
             # the base part through the same conv as the unwrapped layer, so a zero delta is bit-identical to it
             y = torch.conv2d(xc, weight.to(dt), None if bias is None else bias.to(dt))
-            y.add_(_pointwise(u, h))
+            y.add_(_pointwise(ut.T.contiguous(), h))
         ctx.save_for_backward(xc, h, weight, w1a, w1b, w2a, w2b, row_scale)
         ctx.dt, ctx.x_dtype = dt, x.dtype
         return y
@@ -173,22 +186,21 @@ class FusedLoHaPointwise(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         xc, h, weight, w1a, w1b, w2a, w2b, row_scale = ctx.saved_tensors
         dt = ctx.dt
-        with _NoAutocast(grad.device.type):
+        with _no_autocast(grad.device.type):
             g = grad.to(dt)
-            scale = _column(row_scale)
-            u, v = _plain_uv(w1a, w1b, w2a, w2b, scale, dt)
-            gh = _pointwise(u.T, g)
+            ut, v, a1, a2 = _factors(w1a, w1b, w2a, w2b, row_scale, dt, plain=True)
+            gh = _pointwise(ut, g)
             grad_x = None
             if ctx.needs_input_grad[0]:
                 base_grad = _conv_input_grad(g, xc, weight.to(dt), ([1, 1], [0, 0], [1, 1]))
                 grad_x = base_grad.add_(_pointwise(v.T, gh)).to(ctx.x_dtype)
-            grad_w1a, grad_w2a = _kr_rows_grad(_pointwise_weight_grad(g, h).to(w1a.dtype) * scale, w1a, w2a)
+            grad_w1a, grad_w2a = _out_grads(_pointwise_weight_grad(h, g), a1, a2, row_scale, plain=True)
             grad_w1b, grad_w2b = _kr_cols_grad(_pointwise_weight_grad(gh, xc).to(w1b.dtype), w1b, w2b)
         return grad_x, None, None, grad_w1a, grad_w1b, grad_w2a, grad_w2b, None
 
 
 class FusedLoHaConv(torch.autograd.Function):
-    """Plain LoHa conv: y = conv(x, W) + b + U * conv(x, V4), V4 = KR(w1b, w2b) as (r^2, in, kh, kw), U 1x1."""
+    """Plain LoHa conv: y = conv(x, W) + b + Ut^T * conv(x, V4), V4 = KR(w1b, w2b) as (r^2, in, kh, kw)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -197,13 +209,13 @@ class FusedLoHaConv(torch.autograd.Function):
     ) -> Tensor:  # fmt: skip
         dt = compute_dtype(x)
         stride, padding, dilation = args
-        with _NoAutocast(x.device.type):
+        with _no_autocast(x.device.type):
             xc = x.to(dt)
-            u, v = _plain_uv(w1a, w1b, w2a, w2b, _column(row_scale), dt)
-            v4 = v.reshape(u.shape[1], -1, *weight.shape[2:])
+            ut, v, _, _ = _factors(w1a, w1b, w2a, w2b, row_scale, dt, plain=True)
+            v4 = v.reshape(ut.shape[0], -1, *weight.shape[2:])
             y = torch.conv2d(xc, weight.to(dt), None if bias is None else bias.to(dt), stride, padding, dilation)
             h = torch.conv2d(xc, v4, None, stride, padding, dilation)
-            y.add_(_pointwise(u, h))
+            y.add_(_pointwise(ut.T.contiguous(), h))
         ctx.save_for_backward(xc, h, weight, w1a, w1b, w2a, w2b, row_scale)
         ctx.dt, ctx.args, ctx.x_dtype = dt, args, x.dtype
         return y
@@ -214,17 +226,16 @@ class FusedLoHaConv(torch.autograd.Function):
         xc, h, weight, w1a, w1b, w2a, w2b, row_scale = ctx.saved_tensors
         dt, args = ctx.dt, ctx.args
         need_x = ctx.needs_input_grad[0]
-        with _NoAutocast(grad.device.type):
+        with _no_autocast(grad.device.type):
             g = grad.to(dt)
-            scale = _column(row_scale)
-            u, v = _plain_uv(w1a, w1b, w2a, w2b, scale, dt)
-            v4 = v.reshape(u.shape[1], -1, *weight.shape[2:])
-            gh = _pointwise(u.T, g)
+            ut, v, a1, a2 = _factors(w1a, w1b, w2a, w2b, row_scale, dt, plain=True)
+            v4 = v.reshape(ut.shape[0], -1, *weight.shape[2:])
+            gh = _pointwise(ut, g)
             grad_x, grad_v4 = _conv_grads(gh, xc, v4, args, need_x)
             if need_x:
                 grad_x = grad_x.add_(_conv_input_grad(g, xc, weight.to(dt), args)).to(ctx.x_dtype)
-            grad_w1a, grad_w2a = _kr_rows_grad(_pointwise_weight_grad(g, h).to(w1a.dtype) * scale, w1a, w2a)
-            grad_w1b, grad_w2b = _kr_cols_grad(grad_v4.reshape(u.shape[1], -1).to(w1b.dtype), w1b, w2b)
+            grad_w1a, grad_w2a = _out_grads(_pointwise_weight_grad(h, g), a1, a2, row_scale, plain=True)
+            grad_w1b, grad_w2b = _kr_cols_grad(grad_v4.reshape(ut.shape[0], -1).to(w1b.dtype), w1b, w2b)
         return grad_x, None, None, grad_w1a, grad_w1b, grad_w2a, grad_w2b, None, None
 
 
@@ -238,15 +249,14 @@ class FusedLoHaConvCP(torch.autograd.Function):
     ) -> Tensor:  # fmt: skip
         dt = compute_dtype(x)
         stride, padding, dilation = args
-        with _NoAutocast(x.device.type):
+        with _no_autocast(x.device.type):
             xc = x.to(dt)
-            a = (khatri_rao_rows(w1a.T, w2a.T) * _column(row_scale)).to(dt)
-            b = khatri_rao_cols(w1b, w2b).to(dt)
+            at, b, _, _ = _factors(w1a, w1b, w2a, w2b, row_scale, dt, plain=False)
             core = cp_core(t1, t2).to(dt)
             y = torch.conv2d(xc, weight.to(dt), None if bias is None else bias.to(dt), stride, padding, dilation)
             h1 = _pointwise(b, xc)
             h2 = torch.conv2d(h1, core, None, stride, padding, dilation)
-            y.add_(_pointwise(a, h2))
+            y.add_(_pointwise(at.T.contiguous(), h2))
         ctx.save_for_backward(xc, h1, h2, weight, t1, w1a, w1b, t2, w2a, w2b, row_scale)
         ctx.dt, ctx.args, ctx.x_dtype = dt, args, x.dtype
         return y
@@ -256,22 +266,20 @@ class FusedLoHaConvCP(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         xc, h1, h2, weight, t1, w1a, w1b, t2, w2a, w2b, row_scale = ctx.saved_tensors
         dt, args = ctx.dt, ctx.args
-        with _NoAutocast(grad.device.type):
+        with _no_autocast(grad.device.type):
             g = grad.to(dt)
-            scale = _column(row_scale)
-            a = (khatri_rao_rows(w1a.T, w2a.T) * scale).to(dt)
-            b = khatri_rao_cols(w1b, w2b).to(dt)
+            at, b, a1, a2 = _factors(w1a, w1b, w2a, w2b, row_scale, dt, plain=False)
             core = cp_core(t1, t2).to(dt)
-            gh2 = _pointwise(a.T, g)
+            gh2 = _pointwise(at, g)
             gh1, grad_core = _conv_grads(gh2, h1, core, args, need_x=True)
             grad_x = None
             if ctx.needs_input_grad[0]:
                 grad_x = _pointwise(b.T, gh1)
                 grad_x = grad_x.add_(_conv_input_grad(g, xc, weight.to(dt), args)).to(ctx.x_dtype)
-            ga1, ga2 = _kr_rows_grad(_pointwise_weight_grad(g, h2).to(w1a.dtype) * scale, w1a.T, w2a.T)
+            grad_w1a, grad_w2a = _out_grads(_pointwise_weight_grad(h2, g), a1, a2, row_scale, plain=False)
             grad_w1b, grad_w2b = _kr_cols_grad(_pointwise_weight_grad(gh1, xc).to(w1b.dtype), w1b, w2b)
             grad_t1, grad_t2 = _cp_core_grad(grad_core.to(t1.dtype), t1, t2)
-        return grad_x, None, None, grad_t1, ga1.T, grad_w1b, grad_t2, ga2.T, grad_w2b, None, None
+        return grad_x, None, None, grad_t1, grad_w1a, grad_w1b, grad_t2, grad_w2a, grad_w2b, None, None
 
 
 # --- The merged form: one op on W + DeltaW ----------------------------------------------------------------------
@@ -313,7 +321,7 @@ class FusedMergedLoHa(torch.autograd.Function):
         args: tuple[list[int], list[int], list[int]] | None, *factors: Tensor,
     ) -> Tensor:  # fmt: skip
         dt = compute_dtype(x)
-        with _NoAutocast(x.device.type):
+        with _no_autocast(x.device.type):
             merged = _merged_weight(weight, factors, row_scale).to(dt)
             b = None if bias is None else bias.to(dt)
             xc = x.to(dt)
@@ -329,7 +337,7 @@ class FusedMergedLoHa(torch.autograd.Function):
         factors = tuple(factors)
         dt, args = ctx.dt, ctx.args
         need_x = ctx.needs_input_grad[0]
-        with _NoAutocast(grad.device.type):
+        with _no_autocast(grad.device.type):
             f1, f2 = _delta_factors(factors)
             scale = _row_view(row_scale, f1.dim())
             merged = (weight.to(f1.dtype) + (f1 * f2 * scale).reshape(weight.shape)).to(dt)
