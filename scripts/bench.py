@@ -2,7 +2,7 @@
 
 Usage (defaults reproduce the reference setting: SD1.5-architecture UNet with random weights, CPU, all cores,
 batch 1, 32x32 latents, rank 8, alpha 8, LoHa on attention/feed-forward/proj/ResNet layers, CP on k x k convs,
-AdamW at lr 1e-4):
+fused AdamW at lr 1e-4 for every adapter variant, as loha-train's trainer steps):
 
     .venv/bin/python scripts/bench.py                         # all five variants, 1 warm-up + 5 measured steps
     .venv/bin/python scripts/bench.py --variants base,loha_train --steps 3 --json bench.json
@@ -24,6 +24,8 @@ their cores: the table then adds a NOTE, and such times are not comparable. `--k
 handing freed activations back to the kernel (otherwise every SD1.5 step page-faults ~2.4 GB back in), which is
 faster and steadier; it is off by default so the numbers match an untuned process. `--flops` adds the matmul/conv
 FLOPs of one extra step, a noise-free measure of the work each variant adds.
+oneDNN: on CPU, loha_train's fused kernels run their products through oneDNN (loha_train/gemm.py), including the
+frozen Linear's input-gradient product; `LOHA_TRAIN_ONEDNN=0 scripts/bench.py ...` measures them on torch.mm.
 Memory: on CPU, `peak_mem_bytes` is the worker's peak RSS (VmHWM, including model construction) and
 `train_peak_mem_bytes` the peak RSS while stepping (VmHWM reset through /proc/self/clear_refs after setup); on
 CUDA, torch.cuda.max_memory_allocated over the same two spans.
@@ -40,6 +42,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import resource
@@ -98,6 +101,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=8.0, help="alpha, also for k x k convs")
     p.add_argument("--steps", type=int, default=5, help="measured steps")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured steps before them")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the variant list this many times in turn, pooling each variant's steps",
+    )
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="base weights + autocast; adapters stay fp32")
@@ -120,7 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown or not args.variants:
         p.error(f"--variants: unknown {unknown or 'empty list'}; valid: {', '.join(VARIANTS)}")
-    for name in ("latent", "batch", "rank", "steps"):
+    for name in ("latent", "batch", "rank", "steps", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
     if args.warmup < 0:
@@ -137,8 +146,9 @@ def shared_config(args: argparse.Namespace) -> dict[str, Any]:
     cfg["threads"] = args.threads or default_threads()
     cfg["unet_targets"] = list(UNET_TARGETS)
     cfg["te_targets"] = list(TE_TARGETS) if args.text_encoder else []
-    cfg["optimizer"] = f"AdamW(lr={LR})"
+    cfg["optimizer"] = f"AdamW(lr={LR}, fused=True)"
     cfg["keep_freed_memory"] = args.keep_freed_memory
+    cfg["rounds"] = getattr(args, "rounds", 1)
     return cfg
 
 
@@ -260,12 +270,56 @@ def describe(cfg: dict[str, Any]) -> str:
     return (
         f"One {cfg['model']} UNet{te} training step (random weights, {cfg['device']}, {cfg['dtype']}, "
         f"{cfg['threads']} threads, batch {cfg['batch']}, {cfg['latent']}x{cfg['latent']} latents, rank "
-        f"{cfg['rank']}, alpha {cfg['alpha']:g}{extras}); median of {cfg['steps']} steps after {cfg['warmup']} warm-up."
+        f"{cfg['rank']}, alpha {cfg['alpha']:g}{extras}); median of {cfg['steps']} steps after {cfg['warmup']} warm-up"
+        + (f", pooled over {cfg['rounds']} interleaved rounds." if cfg.get("rounds", 1) > 1 else ".")
     )
 
 
+def run_rounds(args: argparse.Namespace) -> dict[str, dict[str, Any] | None]:
+    """Every variant once per round, the rounds one after another (a slow drift of a shared machine then hits
+    every variant alike); each variant's rounds pooled into one row; None for a variant whose worker failed."""
+    done: dict[str, list[dict[str, Any]]] = {v: [] for v in args.variants}
+    failed: set[str] = set()
+    for number in range(args.rounds):
+        if args.rounds > 1:
+            print(f"[bench] round {number + 1} of {args.rounds}", file=sys.stderr, flush=True)
+        for variant in args.variants:
+            if variant in failed:  # a failed worker does not lose the others
+                continue
+            row = run_variant(args, variant)
+            if row is None:
+                failed.add(variant)
+            else:
+                done[variant].append(row)
+    return {v: None if v in failed else pool_rounds(rows) for v, rows in done.items()}
+
+
+def pool_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from a variant's rounds: medians over all their measured steps, the highest memory peaks."""
+    if len(rows) == 1:
+        return rows[0]
+    config = {**rows[0]["config"], "rounds": len(rows)}
+    times = [t for r in rows for t in r["step_times_s"]]
+    cpu = [c for r in rows for c in r["step_cpu_s"]]
+    train_peaks = [r["train_peak_mem_bytes"] for r in rows]
+    return {
+        **rows[0],
+        "median_s": statistics.median(times),
+        "mean_s": statistics.fmean(times),
+        "min_s": min(times),
+        "median_cpu_s": statistics.median(cpu),
+        "step_times_s": times,
+        "step_cpu_s": cpu,
+        "step_page_faults": [f for r in rows for f in r["step_page_faults"]],
+        "round_medians_s": [r["median_s"] for r in rows],
+        "peak_mem_bytes": max(r["peak_mem_bytes"] for r in rows),
+        "train_peak_mem_bytes": None if None in train_peaks else max(train_peaks),
+        "config": config,
+    }
+
+
 def run_parent(args: argparse.Namespace) -> int:
-    results = {v: run_variant(args, v) for v in args.variants}  # a failed worker does not lose the others
+    results = run_rounds(args)
     rows = [row for row in results.values() if row is not None]
     problems = [f"{v}: the worker failed (see the log above)" for v, row in results.items() if row is None]
     if not rows:
@@ -596,7 +650,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     models, params, wrapped, setup = prepare(args, variant)
     if variant != "base" and not params:
         raise AssertionError(f"{variant}: no trainable parameters after injection")
-    optimizer = torch.optim.AdamW(params, lr=LR) if variant != "base" else None
+    # fused AdamW for every adapter variant alike: loha-train's trainer steps with it (runtime.build_optimizer)
+    optimizer = torch.optim.AdamW(params, lr=LR, fused=True) if variant != "base" else None
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
     autocast: Callable[[], Any] = (
         (lambda: torch.autocast(args.device, dtype=dtype)) if dtype is not None else contextlib.nullcontext
@@ -674,10 +729,25 @@ def count_flops(args: argparse.Namespace, models: Any, optimizer: Any, autocast:
     """FLOPs of one extra (unmeasured) step as torch.utils.flop_counter counts them (matmuls, convs, attention)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    _count_onednn_linear()
     batch = make_batch(args, models, args.warmup + args.steps, args.device)
     with FlopCounterMode(display=False) as counter:
         train_step(models, batch, optimizer, autocast, variant == "base")
     return int(counter.get_total_flops())
+
+
+def _count_onednn_linear() -> None:
+    """Teach the FLOP counter oneDNN's linear (loha_train's CPU products), which it does not know: 2 m k n."""
+    import torch
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    if op is None or op.default in flop_registry:
+        return
+
+    @register_flop_formula(op)
+    def _linear_flop(x_shape: Any, w_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return 2 * math.prod(x_shape) * w_shape[0]
 
 
 def main(argv: list[str] | None = None) -> int:
