@@ -1,7 +1,8 @@
 """Fused base + LoHa layers: one autograd node per layer, the rank-r^2 path, factor gradients in closed form."""
 
 # Each Function computes base(x) + x DeltaW^T (or the conv analogue) without ever forming DeltaW: the adapter
-# runs through r^2 channels, U = KR(w1_a, w2_a) and V = KR(w1_b, w2_b) (row/column-wise Khatri-Rao products).
+# runs through r^2 channels, U = KR(w1_a, w2_a) and V = KR(w1_b, w2_b) (row/column-wise Khatri-Rao products; U is
+# held transposed, see below). Products go through gemm.mm (oneDNN on CPU), except the frozen forward product.
 # Compared with plain autograd over the same maths this saves the broadcast graph of the Khatri-Rao products
 # (a dozen small ops per layer forward and backward), adds the adapter output into the base output in place,
 # and accumulates the input gradient into one buffer. Saved for backward: the layer input and the r^2-channel
