@@ -15,6 +15,7 @@ torch.mm everywhere (benchmarks compare both; a CPU build without oneDNN falls b
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
@@ -24,12 +25,12 @@ from torch import Tensor
 ENV = "LOHA_TRAIN_ONEDNN"
 MIN_MACS = 1 << 18  # below ~0.26M multiply-adds the oneDNN call overhead outweighs its faster kernel
 
-_linear: Callable[..., Tensor] | None = None
-_probed = False
 
-
+@functools.cache
 def _load() -> Callable[..., Tensor] | None:
-    """oneDNN's linear (y = x w^T) if this build has it and it agrees with torch.mm on a probe, else None."""
+    """oneDNN's linear (y = x w^T) if this build has it and it agrees with torch.mm on a probe, else None.
+
+    Read once per process (reset() reads LOHA_TRAIN_ONEDNN again)."""
     if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     if not torch.backends.mkldnn.is_available():
@@ -47,27 +48,22 @@ def _load() -> Callable[..., Tensor] | None:
 
 def onednn_enabled() -> bool:
     """Whether float32 CPU products go through oneDNN in this process."""
-    global _linear, _probed
-    if not _probed:
-        _linear, _probed = _load(), True
-    return _linear is not None
+    return _load() is not None
 
 
 def reset() -> None:
     """Re-read LOHA_TRAIN_ONEDNN on the next product (tests and benchmarks switch it)."""
-    global _linear, _probed
-    _linear, _probed = None, False
+    _load.cache_clear()
 
 
 def mm(a: Tensor, b: Tensor) -> Tensor:
     """a @ b for 2-D a (n, k) and b (k, m), either possibly a transposed view."""
     if (
-        a.dtype == torch.float32
-        and b.dtype == torch.float32
+        a.dtype == b.dtype == torch.float32
         and a.device.type == "cpu"
         and a.shape[0] * a.shape[1] * b.shape[1] >= MIN_MACS
-        and onednn_enabled()
     ):
-        assert _linear is not None
-        return _linear(a, b.t(), None, "none", [], "")
+        linear = _load()
+        if linear is not None:
+            return linear(a, b.t(), None, "none", [], "")
     return a @ b

@@ -56,14 +56,14 @@ def _factors(
 
 
 def _kr_cols_grad(grad: Tensor, b: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients of KR_cols(b, d) = [b_i * d_j] (r*s, m) given grad (r*s, m)."""
-    g3 = grad.reshape(b.shape[0], d.shape[0], b.shape[1])
+    """Gradients of KR_cols(b, d) = [b_i * d_j] (r*s, m) given grad (r*s, m), in the factors' dtype."""
+    g3 = grad.to(b.dtype).reshape(b.shape[0], d.shape[0], b.shape[1])
     return (g3 * d.unsqueeze(0)).sum(1), (g3 * b.unsqueeze(1)).sum(0)
 
 
 def _out_grads(grad_ut: Tensor, a1: Tensor, a2: Tensor, row_scale: Tensor, plain: bool) -> tuple[Tensor, Tensor]:
     """Gradients of w1_a, w2_a (in their stored layout) from the gradient of Ut = KR_cols(a1, a2)."""
-    g1, g2 = _kr_cols_grad(grad_ut.to(a1.dtype), a1, a2)
+    g1, g2 = _kr_cols_grad(grad_ut, a1, a2)
     if plain:
         return g1.T * _column(row_scale), g2.T
     return g1 * row_scale, g2
@@ -117,7 +117,7 @@ class FusedLoHaLinear(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 grad_x = mm(g2, weight.to(dt)).add_(mm(gh, v)).reshape(ctx.x_shape).to(ctx.x_dtype)
             grad_w1a, grad_w2a = _out_grads(mm(h.T, g2), a1, a2, row_scale, plain=True)
-            grad_w1b, grad_w2b = _kr_cols_grad(mm(gh.T, x2).to(w1b.dtype), w1b, w2b)
+            grad_w1b, grad_w2b = _kr_cols_grad(mm(gh.T, x2), w1b, w2b)
         return grad_x, None, None, grad_w1a, grad_w1b, grad_w2a, grad_w2b, None
 
 
@@ -196,7 +196,7 @@ class FusedLoHaPointwise(torch.autograd.Function):
                 base_grad = _conv_input_grad(g, xc, weight.to(dt), ([1, 1], [0, 0], [1, 1]))
                 grad_x = base_grad.add_(_pointwise(v.T, gh)).to(ctx.x_dtype)
             grad_w1a, grad_w2a = _out_grads(_pointwise_weight_grad(h, g), a1, a2, row_scale, plain=True)
-            grad_w1b, grad_w2b = _kr_cols_grad(_pointwise_weight_grad(gh, xc).to(w1b.dtype), w1b, w2b)
+            grad_w1b, grad_w2b = _kr_cols_grad(_pointwise_weight_grad(gh, xc), w1b, w2b)
         return grad_x, None, None, grad_w1a, grad_w1b, grad_w2a, grad_w2b, None
 
 
@@ -236,7 +236,7 @@ class FusedLoHaConv(torch.autograd.Function):
             if need_x:
                 grad_x = grad_x.add_(_conv_input_grad(g, xc, weight.to(dt), args)).to(ctx.x_dtype)
             grad_w1a, grad_w2a = _out_grads(_pointwise_weight_grad(h, g), a1, a2, row_scale, plain=True)
-            grad_w1b, grad_w2b = _kr_cols_grad(grad_v4.reshape(ut.shape[0], -1).to(w1b.dtype), w1b, w2b)
+            grad_w1b, grad_w2b = _kr_cols_grad(grad_v4.reshape(ut.shape[0], -1), w1b, w2b)
         return grad_x, None, None, grad_w1a, grad_w1b, grad_w2a, grad_w2b, None, None
 
 
@@ -278,7 +278,7 @@ class FusedLoHaConvCP(torch.autograd.Function):
                 grad_x = _pointwise(b.T, gh1)
                 grad_x = grad_x.add_(_conv_input_grad(g, xc, weight.to(dt), args)).to(ctx.x_dtype)
             grad_w1a, grad_w2a = _out_grads(_pointwise_weight_grad(h2, g), a1, a2, row_scale, plain=False)
-            grad_w1b, grad_w2b = _kr_cols_grad(_pointwise_weight_grad(gh1, xc).to(w1b.dtype), w1b, w2b)
+            grad_w1b, grad_w2b = _kr_cols_grad(_pointwise_weight_grad(gh1, xc), w1b, w2b)
             grad_t1, grad_t2 = _cp_core_grad(grad_core.to(t1.dtype), t1, t2)
         return grad_x, None, None, grad_t1, grad_w1a, grad_w1b, grad_t2, grad_w2a, grad_w2b, None, None
 
