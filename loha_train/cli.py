@@ -24,17 +24,17 @@ Exit status: 0 success, 1 a check failed (inspect --base) or the disk is full, 2
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "bad input" (reported in one paragraph, exit 2), as opposed to bugs (traceback)."""
-    from .builtin import BuiltinError
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .convert import ConversionError
-    from .data import DataError
-    from .export import AdapterError
-    from .inject import InjectError
-    from .merge import MergeError
-    from .models import ModelError
-    from .runtime import OptimizerUnavailable
-    from .train import TrainingError
+    from loha_train.config import ConfigError
+    from loha_train.data import DataError
+    from loha_train.fileformat.adapter_io import AdapterError
+    from loha_train.fileformat.merge import MergeError
+    from loha_train.loha.inject import InjectError
+    from loha_train.models.builtin import BuiltinError
+    from loha_train.models.bundle import ModelError
+    from loha_train.models.layout import ConversionError
+    from loha_train.training.checkpoint import CheckpointError
+    from loha_train.training.guards import TrainingError
+    from loha_train.training.optim import OptimizerUnavailable
 
     return (
         AdapterError,
@@ -74,7 +74,7 @@ def _cmd_inspect(argv: Sequence[str]) -> int:
     parser.add_argument("--base", metavar="MODEL", help="diffusers folder, single file, or builtin:tiny-sd")
     parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
     args = parser.parse_args(argv)
-    from .inspection import format_report, inspect_adapter, report_dict
+    from loha_train.fileformat.inspection import format_report, inspect_adapter, report_dict
 
     if args.json:
         with _stdout_reserved():
@@ -87,7 +87,7 @@ def _cmd_inspect(argv: Sequence[str]) -> int:
 
 
 def _cmd_merge(argv: Sequence[str]) -> int:
-    from .merge import PRECISIONS
+    from loha_train.fileformat.merge import PRECISIONS
 
     parser = argparse.ArgumentParser(
         prog="loha-train merge",
@@ -101,7 +101,7 @@ def _cmd_merge(argv: Sequence[str]) -> int:
     parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="saved dtype (default fp32)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
-    from .merge import merge_adapter
+    from loha_train.fileformat.merge import merge_adapter
 
     out = merge_adapter(
         args.base,
@@ -137,11 +137,12 @@ def _train_parser() -> argparse.ArgumentParser:
 def _cmd_train(argv: Sequence[str]) -> int:
     """`loha-train CONFIG.yaml [--set k=v ...] [--resume [latest|PATH]] [--dry-run] [--overwrite]`."""
     args = _train_parser().parse_args(argv)
-    from .config import load_config
+    from loha_train.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # every config problem, before anything heavy loads
-    from .runtime import check_optimizer_available
-    from .train import Interrupted, train
+    from loha_train.training.optim import check_optimizer_available
+    from loha_train.training.recipe import train
+    from loha_train.training.signals import Interrupted
 
     check_optimizer_available(cfg.train.optimizer)
     _keep_freed_memory()
@@ -158,7 +159,7 @@ def _cmd_train(argv: Sequence[str]) -> int:
             )
         return 128 + stop.signum
     except Exception as e:
-        from .checkpoint import disk_full
+        from loha_train.training.checkpoint import disk_full
 
         if not disk_full(e):
             raise

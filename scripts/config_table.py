@@ -1,4 +1,4 @@
-"""Print, check or update the README's config reference table (generated from loha_train/config.py)."""
+"""Print, check or update the README's config reference table (generated from loha_train/config/schema.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loha_train.config_doc import render_config_table, replace_table
+from loha_train.config.doc import render_config_table, replace_table
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,8 +11,8 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from loha_train.builtin import TINY_CLIP_TEXT, TINY_SD_UNET
-from loha_train.consumers import comfy_unet_config, comfy_unet_to_diffusers
+from loha_train.fileformat.consumers import comfy_unet_config, comfy_unet_to_diffusers
+from loha_train.models.builtin import TINY_CLIP_TEXT, TINY_SD_UNET
 
 # The text-encoder module names both consumers map, after lora_te_/lora_te1_/lora_te2_text_model_encoder_layers_N_.
 TE_SUFFIXES = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")
@@ -66,7 +66,7 @@ def builtin_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def tiny_sd_dir(builtin_cache: Path) -> Path:
     """builtin:tiny-sd as a diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
-    from loha_train.builtin import resolve_builtin
+    from loha_train.models.builtin import resolve_builtin
 
     return resolve_builtin("builtin:tiny-sd")
 

@@ -29,7 +29,7 @@ def _die() -> None:
 
 
 def _after_step(n: int, act: Any) -> None:
-    from loha_train import metrics
+    from loha_train.training import metrics
 
     original = metrics.MetricsLog.scalars
 
@@ -42,7 +42,7 @@ def _after_step(n: int, act: Any) -> None:
 
 
 def _in_checkpoint(n: int) -> None:
-    from loha_train import checkpoint
+    from loha_train.training import checkpoint
 
     original = checkpoint.save_file
     calls = 0
@@ -61,9 +61,9 @@ def _in_checkpoint(n: int) -> None:
 
 
 def _in_export() -> None:
-    from loha_train import export
+    from loha_train.fileformat import adapter_io
 
-    original = export._publish
+    original = adapter_io._publish
 
     def publish(tmp: Path, path: Path) -> None:
         if path.suffix == ".safetensors" and "-step-" not in path.name:  # the final adapter, not a periodic one
@@ -71,7 +71,7 @@ def _in_export() -> None:
             _die()
         original(tmp, path)
 
-    export._publish = publish
+    adapter_io._publish = publish
 
 
 FAULTS = {

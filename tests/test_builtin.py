@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from transformers import CLIPTokenizer
 
-from loha_train import builtin
-from loha_train.builtin import BuiltinError, resolve_builtin
-from loha_train.clip_bpe import train_clip_bpe
+from loha_train.models import builtin
+from loha_train.models.builtin import BuiltinError, resolve_builtin
+from loha_train.models.clip_bpe import train_clip_bpe
 
 CAPTION = "a red circle on a white background"
 # Golden ids: the vocabulary must not drift between machines or library versions (CLIP's own "a</w>" is 320 too:

@@ -31,9 +31,9 @@ from loha_train.config import (
     load_config,
     resolved_prompts,
 )
-from loha_train.config_check import schema_keys, type_hints
-from loha_train.config_doc import END, START, field_comments, render_config_table, replace_table
-from loha_train.config_rules import FIELD_RULES, RULES
+from loha_train.config.check import schema_keys, type_hints
+from loha_train.config.doc import END, START, field_comments, render_config_table, replace_table
+from loha_train.config.rules import FIELD_RULES, RULES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -567,7 +567,7 @@ def test_resolved_prompts_fill_in_sample_defaults() -> None:
 
 def test_config_modules_import_no_torch() -> None:
     code = (
-        "import sys, loha_train.config, loha_train.config_doc\n"
+        "import sys, loha_train.config, loha_train.config.doc\n"
         "heavy = {'torch', 'diffusers', 'transformers', 'accelerate', 'numpy'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )

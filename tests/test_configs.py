@@ -52,7 +52,7 @@ def test_config_validates_with_real_paths_replaced(path: Path, builtin_cache: Pa
 def test_config_plans_a_run_on_a_tiny_model(
     path: Path, builtin_cache: Path, tmp_path: Path, fresh_accelerate: None
 ) -> None:
-    from loha_train.train import train
+    from loha_train.training.recipe import train
 
     cfg = load_config(path, [f"model.path={tiny_model_for(path)}", *TINY_DATA, f"output.dir={tmp_path}"])
     lines: list[str] = []

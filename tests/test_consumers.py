@@ -11,11 +11,9 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from loha_train import convert
-from loha_train.adapter_spec import network_config_from_file
-from loha_train.builtin import TINY_SD_UNET
 from loha_train.config import NetworkConfig
-from loha_train.consumers import (
+from loha_train.fileformat.adapter_io import load_adapter, save_adapter
+from loha_train.fileformat.consumers import (
     ConsumerModel,
     check_comfyui,
     check_webui,
@@ -24,9 +22,12 @@ from loha_train.consumers import (
     disagreements,
     webui_compvis_name,
 )
-from loha_train.export import load_adapter, save_adapter
-from loha_train.inject import inject_loha, sd_components
-from loha_train.reference_configs import REFERENCE
+from loha_train.fileformat.keys import sd_components
+from loha_train.fileformat.spec import network_config_from_file
+from loha_train.loha.inject import inject_loha
+from loha_train.models import layout
+from loha_train.models.builtin import TINY_SD_UNET
+from loha_train.models.reference_configs import REFERENCE
 
 # A small UNet with SD 1.x's exact block layout (4 levels, 2 ResNets per level, attention in the first three),
 # the layout WebUI's name conversion hard-codes; builds in well under a second.
@@ -41,12 +42,12 @@ SD1_LAYOUT_UNET = {
 
 def _ldm(family: str, unet: nn.Module, encoders: list[nn.Module]) -> dict[str, torch.Tensor]:
     """The single-file state dict both consumers read, by our converter (independent of the key rules)."""
-    out = {convert.UNET_PREFIX + k: v for k, v in convert.unet_to_ldm(unet.state_dict(), unet.config).items()}
-    for prefix, encoder in zip(convert.TEXT_PREFIXES[family], encoders, strict=True):
+    out = {layout.UNET_PREFIX + k: v for k, v in layout.unet_to_ldm(unet.state_dict(), unet.config).items()}
+    for prefix, encoder in zip(layout.TEXT_PREFIXES[family], encoders, strict=True):
         if prefix.endswith(".model."):
-            converted = convert.open_clip_to_ldm(encoder.state_dict())
+            converted = layout.open_clip_to_ldm(encoder.state_dict())
         else:
-            converted = convert.clip_to_ldm(encoder.state_dict(), encoder.config.max_position_embeddings)
+            converted = layout.clip_to_ldm(encoder.state_dict(), encoder.config.max_position_embeddings)
         out |= {prefix + k: v for k, v in converted.items()}
     return out
 
@@ -102,7 +103,7 @@ def test_webui_name_conversion(diffusers, compvis):
 def test_comfyui_table_and_our_single_file_converter_agree_on_real_layouts(family):
     unet, _, _ = _meta_sd(family)
     state = unet.state_dict()
-    reverse = {id(v): k for k, v in convert.unet_to_ldm(state, unet.config).items()}
+    reverse = {id(v): k for k, v in layout.unet_to_ldm(state, unet.config).items()}
     table = comfy_unet_to_diffusers(comfy_unet_config(unet.config))
     checked = 0
     for name, tensor in state.items():

@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from loha_train.metrics import read_metrics
+from loha_train.training.metrics import read_metrics
 
 
 def _can_launch() -> bool:
@@ -71,7 +71,7 @@ def train_here(raw: dict[str, Any], resume: str | None = None) -> None:
     from accelerate.state import AcceleratorState
 
     from loha_train.config import config_from_dict
-    from loha_train.train import train
+    from loha_train.training.recipe import train
 
     AcceleratorState._reset_state(True)
     train(config_from_dict(raw), resume=resume, echo=lambda _: None)
@@ -206,14 +206,14 @@ def test_two_processes_resume_a_one_process_checkpoint(tmp_path: Path, reference
 
 FAILING_RANK = """
 import os, sys
-import loha_train.train as recipe
-real, calls = recipe.micro_step, []
+import loha_train.training.session as session
+real, calls = session.micro_step, []
 def micro_step(*args, **kwargs):
     calls.append(1)
     if os.environ["RANK"] == "1" and len(calls) == 3:
         raise RuntimeError("injected failure on rank 1")
     return real(*args, **kwargs)
-recipe.micro_step = micro_step
+session.micro_step = micro_step
 from loha_train.cli import main
 sys.exit(main())
 """
@@ -261,7 +261,7 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_with_one_checkpoint(tm
 
 def test_plan_shows_the_processes_and_how_they_relate_to_one_process(tmp_path: Path) -> None:
     from loha_train.config import config_from_dict
-    from loha_train.plan import OutputPaths, format_plan, make_plan
+    from loha_train.training.plan import OutputPaths, format_plan, make_plan
 
     cfg = config_from_dict(raw_config(tmp_path, gradient_accumulation=3))
     text = format_plan(cfg, make_plan(cfg, 8, 2), OutputPaths(tmp_path, "loha"), model="m", adapters={}, data="d")
@@ -284,7 +284,7 @@ def test_plan_shows_the_processes_and_how_they_relate_to_one_process(tmp_path: P
 def test_a_position_moves_to_another_number_of_processes(
     saved: tuple[int, int, int], saved_world: int, world: int, expected: tuple[int, int, int]
 ) -> None:
-    from loha_train.plan import Position, rescale_position
+    from loha_train.training.plan import Position, rescale_position
 
     batches_per_epoch = 14 // world
     assert rescale_position(Position(*saved), saved_world, world, batches_per_epoch) == Position(*expected)
@@ -292,7 +292,7 @@ def test_a_position_moves_to_another_number_of_processes(
 
 def test_an_epoch_based_run_resumed_on_more_processes_still_trains_the_configured_epochs(tmp_path: Path) -> None:
     from loha_train.config import config_from_dict
-    from loha_train.plan import Position, make_plan
+    from loha_train.training.plan import Position, make_plan
 
     raw = raw_config(tmp_path)
     del raw["train"]["max_steps"]
@@ -331,10 +331,10 @@ def test_each_process_encodes_only_its_shard_of_the_latents(
 ) -> None:
     import accelerate.utils
 
-    from loha_train import runtime
-    from loha_train.builtin import resolve_builtin
     from loha_train.config import DataConfig
     from loha_train.data import ImageDataset, LatentCache, check_images, scan_dataset
+    from loha_train.models.builtin import resolve_builtin
+    from loha_train.training import data_pipeline
 
     cfg = DataConfig(path=str(resolve_builtin("builtin:shapes")), resolution=64, bucket_min_side=32, bucket_step=32)
     index = check_images(scan_dataset(cfg), skip_bad=False).index
@@ -348,7 +348,7 @@ def test_each_process_encodes_only_its_shard_of_the_latents(
         return [x for name in sorted(posted) for x in posted[name]]
 
     monkeypatch.setattr(accelerate.utils, "gather_object", gather_object)
-    monkeypatch.setattr(runtime, "vae_encode", lambda encoder, pixels: encoder(pixels))
+    monkeypatch.setattr(data_pipeline, "vae_encode", lambda encoder, pixels: encoder(pixels))
     encoders = [_Encoder(), _Encoder()]
     folder = tmp_path / "cache" if mode == "disk" else None
     caches = [LatentCache(mode, "vae", folder) for _ in range(2)]  # type: ignore[arg-type]
@@ -356,7 +356,7 @@ def test_each_process_encodes_only_its_shard_of_the_latents(
 
     def process(rank: int) -> None:
         try:
-            runtime._fill_latents(encoders[rank], _Process(rank, barrier), caches[rank], entries)  # type: ignore[arg-type]
+            data_pipeline._fill_latents(encoders[rank], _Process(rank, barrier), caches[rank], entries)  # type: ignore[arg-type]
         except BaseException as exc:
             errors.append(exc)
             barrier.abort()
@@ -373,7 +373,7 @@ def test_each_process_encodes_only_its_shard_of_the_latents(
 
 
 def test_deepspeed_is_refused_before_anything_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from loha_train.train import TrainingError
+    from loha_train.training.guards import TrainingError
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(TrainingError, match=r"DeepSpeed is not supported.*--multi_gpu"):
@@ -384,7 +384,7 @@ def test_deepspeed_is_refused_before_anything_loads(tmp_path: Path, monkeypatch:
 def test_a_launch_that_would_train_independent_copies_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from loha_train.train import TrainingError
+    from loha_train.training.guards import TrainingError
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's, while accelerate set up one process (a CPU box, no --cpu)
     with pytest.raises(TrainingError, match=r"launched as 2 processes .* ACCELERATE_USE_CPU=1"):

@@ -15,12 +15,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 from torch import nn
 
-from loha_train import export
-from loha_train.adapter_spec import inject_from_file, network_config_from_file
 from loha_train.config import NetworkConfig, config_from_dict, config_to_dict
-from loha_train.export import AdapterError, apply_adapter, load_adapter, save_adapter
-from loha_train.inject import inject_loha, sd_components
-from loha_train.metadata import build_metadata
+from loha_train.fileformat import adapter_io
+from loha_train.fileformat.adapter_io import AdapterError, apply_adapter, load_adapter, save_adapter
+from loha_train.fileformat.keys import sd_components
+from loha_train.fileformat.metadata import build_metadata
+from loha_train.fileformat.spec import inject_from_file, network_config_from_file
+from loha_train.loha.inject import inject_loha
 
 # alpha != rank everywhere, so a missing or doubled scale cannot hide
 FULL = NetworkConfig(preset="full", train_text_encoder=True, rank=4, alpha=3.0, conv_rank=2, conv_alpha=5.0)
@@ -64,7 +65,7 @@ def test_round_trip_reproduces_tensors_and_outputs(tmp_path, dtype):
     unet, te, network = _trained()
     path = save_adapter(network, tmp_path / "a.safetensors", dtype=dtype)
     state, metadata = load_adapter(path)
-    torch_dtype = export.SAVE_DTYPES[dtype]
+    torch_dtype = adapter_io.SAVE_DTYPES[dtype]
     own = network.state_dict()
     assert set(state) == set(own)
     for key, tensor in own.items():
@@ -311,7 +312,7 @@ def test_a_failed_save_leaves_the_previous_file_and_no_temporary(tmp_path, monke
         assert tmp.parent == final.parent and tmp.stat().st_size > 0  # the new file was fully written
         raise OSError("disk vanished")
 
-    monkeypatch.setattr(export, "_publish", crash)
+    monkeypatch.setattr(adapter_io, "_publish", crash)
     with pytest.raises(OSError, match="disk vanished"):
         save_adapter(network, path)
     assert path.read_bytes() == good

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loha_train import functional as LF
+from loha_train.loha import functional as LF
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

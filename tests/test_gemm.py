@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from loha_train import gemm
-from loha_train.layers import wrap_layer
+from loha_train.loha import gemm
+from loha_train.loha.layers import wrap_layer
 
 pytestmark = pytest.mark.skipif(not gemm.onednn_enabled(), reason="this torch build has no oneDNN matmul")
 

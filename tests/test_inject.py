@@ -10,8 +10,9 @@ from conftest import make_tiny_text_encoder, make_tiny_unet
 from torch import nn
 
 from loha_train.config import NetworkConfig
-from loha_train.inject import InjectError, inject_loha, remove_loha, sd_components
-from loha_train.layers import LoHaModule
+from loha_train.fileformat.keys import sd_components
+from loha_train.loha.inject import InjectError, inject_loha, remove_loha
+from loha_train.loha.layers import LoHaModule
 
 TE_SUFFIXES = (
     "self_attn_q_proj",
@@ -199,7 +200,7 @@ def test_load_state_dict_lists_mismatches_and_remove_restores_modules():
 
 
 def test_inject_explicit_wraps_exactly_the_named_modules():
-    from loha_train.inject import ExplicitTarget, inject_explicit
+    from loha_train.loha.inject import ExplicitTarget, inject_explicit
 
     unet, te = make_tiny_unet(), make_tiny_text_encoder()
     targets = [

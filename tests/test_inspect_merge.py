@@ -13,14 +13,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loha_train import cli
-from loha_train.adapter_spec import network_config_from_file
-from loha_train.builtin import resolve_builtin
 from loha_train.config import ModelConfig, config_from_dict, config_to_dict
-from loha_train.consumers import ConsumerModel, check_comfyui
-from loha_train.convert import ldm_state_dict
-from loha_train.export import build_metadata, load_adapter, save_adapter
-from loha_train.inject import inject_loha, sd_components
-from loha_train.models import load_models
+from loha_train.fileformat.adapter_io import build_metadata, load_adapter, save_adapter
+from loha_train.fileformat.consumers import ConsumerModel, check_comfyui
+from loha_train.fileformat.keys import sd_components
+from loha_train.fileformat.spec import network_config_from_file
+from loha_train.loha.inject import inject_loha
+from loha_train.models.builtin import resolve_builtin
+from loha_train.models.loading import load_models
+from loha_train.models.single_file import ldm_state_dict
 
 BIN = Path(sys.executable).parent
 

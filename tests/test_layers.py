@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loha_train.layers import LoHaConv2d, LoHaLinear, LoHaModule, parameter_count, wrap_layer
+from loha_train.loha.layers import LoHaConv2d, LoHaLinear, LoHaModule, parameter_count, wrap_layer
 
 CONVS = {
     "1x1": dict(in_channels=6, out_channels=5, kernel_size=1),
@@ -159,7 +159,8 @@ def test_module_dropout_statistics():
 
 def test_one_optimizer_step_changes_only_adapter_tensors(tiny_unet):
     from loha_train.config import NetworkConfig
-    from loha_train.inject import inject_loha, sd_components
+    from loha_train.fileformat.keys import sd_components
+    from loha_train.loha.inject import inject_loha
 
     base_before = {k: v.clone() for k, v in tiny_unet.state_dict().items()}
     network = inject_loha(sd_components(tiny_unet), NetworkConfig(preset="full"), seed=0)

@@ -17,11 +17,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from loha_train import convert, hashing, models
-from loha_train.builtin import resolve_builtin
-from loha_train.clip_bpe import train_clip_bpe, write_clip_tokenizer
 from loha_train.config import ModelConfig
-from loha_train.models import ModelBundle, ModelError, detect_model, load_models, model_hash, save_single_file
+from loha_train.models import hashing, layout, single_file
+from loha_train.models import loading as models
+from loha_train.models.builtin import resolve_builtin
+from loha_train.models.bundle import ModelBundle, ModelError
+from loha_train.models.clip_bpe import train_clip_bpe, write_clip_tokenizer
+from loha_train.models.detect import detect_model, model_hash
+from loha_train.models.loading import load_models
+from loha_train.models.single_file import save_single_file
 
 TINY = ("tiny-sd", "tiny-sd-v", "tiny-sdxl")
 
@@ -168,7 +172,7 @@ def test_fp16_single_file_and_ckpt(
     assert load_models(ModelConfig(path=str(half), tokenizer_path="builtin:tiny-sd")).unet.dtype == torch.float32
 
     # A .ckpt has no metadata: its architecture is the family's reference config, here made tiny.
-    configs = json.loads(safe_open(str(half), "pt").metadata()[convert.METADATA_CONFIGS])
+    configs = json.loads(safe_open(str(half), "pt").metadata()[layout.METADATA_CONFIGS])
     monkeypatch.setitem(models.REFERENCE, "sd1", configs)
     full = {k: v for k, v in load_file(save_single_file(bundle, tmp_path / "full.safetensors")).items()}
     torch.save({"state_dict": full, "global_step": 10}, tmp_path / "model.ckpt")
@@ -220,16 +224,16 @@ def test_real_architectures_convert_to_the_public_layouts() -> None:
             if family == "sdxl":
                 encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"])))
         bundle = SimpleNamespace(unet=unet, vae=vae, text_encoders=encoders, family=family)
-        ldm = convert.ldm_state_dict(bundle)  # type: ignore[arg-type]
-        prefixes = convert.TEXT_PREFIXES[family]
+        ldm = single_file.ldm_state_dict(bundle)  # type: ignore[arg-type]
+        prefixes = layout.TEXT_PREFIXES[family]
         assert infer_diffusers_model_type(ldm) == model_type
-        assert sum(k.startswith(convert.UNET_PREFIX) for k in ldm) == unet_keys
-        assert sum(k.startswith(convert.VAE_PREFIX) for k in ldm) == 248
+        assert sum(k.startswith(layout.UNET_PREFIX) for k in ldm) == unet_keys
+        assert sum(k.startswith(layout.VAE_PREFIX) for k in ldm) == 248
         assert len(ldm) == total
         back = [
-            (unet, convert.unet_from_ldm(ldm, unet.config)),
-            (vae, convert.vae_from_ldm(ldm, vae.config)),
-            *((m, convert.text_from_ldm(ldm, p, m)) for m, p in zip(encoders, prefixes, strict=True)),
+            (unet, single_file.unet_from_ldm(ldm, unet.config)),
+            (vae, single_file.vae_from_ldm(ldm, vae.config)),
+            *((m, single_file.text_from_ldm(ldm, p, m)) for m, p in zip(encoders, prefixes, strict=True)),
         ]
         for module, state in back:
             ours = module.state_dict()
@@ -241,7 +245,7 @@ def test_real_architectures_convert_to_the_public_layouts() -> None:
 def test_vae_path_overrides_the_vae(bundles: dict[str, ModelBundle], tiny_sd_dir: Path, tmp_path: Path) -> None:
     other = bundles["tiny-sd-v"].vae.state_dict()
     ldm_file = tmp_path / "vae-ldm.safetensors"
-    save_file(convert.vae_to_ldm(other, bundles["tiny-sd-v"].vae.config), ldm_file)
+    save_file(layout.vae_to_ldm(other, bundles["tiny-sd-v"].vae.config), ldm_file)
     diffusers_file = tmp_path / "vae-diffusers.safetensors"
     save_file(other, diffusers_file)
     for vae_path in ("builtin:tiny-sd-v", str(resolve_builtin("builtin:tiny-sd-v") / "vae"), ldm_file, diffusers_file):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from loha_train.metrics import read_metrics
+from loha_train.training.metrics import read_metrics
 
 QUICKSTART = Path(__file__).parent.parent / "configs" / "quickstart.yaml"
 CLI = [sys.executable, "-m", "loha_train"]

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from test_train import tiny_raw
 
 from loha_train import cli
-from loha_train.metrics import read_metrics
+from loha_train.training.metrics import read_metrics
 
 pytestmark = pytest.mark.usefixtures("builtin_cache", "fresh_accelerate")
 
@@ -154,9 +154,9 @@ def test_bad_config_lists_every_problem_through_the_real_cli(tmp_path: Path) -> 
 def test_yaml_syntax_errors_give_line_and_column_before_any_model_loads(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, text: str, fragment: str
 ) -> None:
-    import loha_train.train
+    from loha_train.training import recipe
 
-    monkeypatch.setattr(loha_train.train, "train", lambda *a, **k: pytest.fail("a bad config reached train()"))
+    monkeypatch.setattr(recipe, "train", lambda *a, **k: pytest.fail("a bad config reached train()"))
     path = tmp_path / "broken.yaml"
     path.write_text(text, encoding="utf-8")
     status, out, err = loha([path], capsys)
@@ -167,9 +167,9 @@ def test_yaml_syntax_errors_give_line_and_column_before_any_model_loads(
 def test_contradictions_and_paths_stop_before_any_model_loads(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import loha_train.train
+    from loha_train.training import recipe
 
-    monkeypatch.setattr(loha_train.train, "train", lambda *a, **k: pytest.fail("a bad config reached train()"))
+    monkeypatch.setattr(recipe, "train", lambda *a, **k: pytest.fail("a bad config reached train()"))
     path = config(tmp_path, data__random_crop=True, data__cache_latents="disk", model__path=str(tmp_path / "nope"))
     status, _, err = loha([path, "--dry-run"], capsys)
     assert status == 2
@@ -181,7 +181,7 @@ def test_contradictions_and_paths_stop_before_any_model_loads(
 
 
 def shapes_copy(tmp_path: Path) -> Path:
-    from loha_train.builtin import resolve_builtin
+    from loha_train.models.builtin import resolve_builtin
 
     folder = tmp_path / "images"
     shutil.copytree(resolve_builtin("builtin:shapes"), folder, ignore=shutil.ignore_patterns(".*"))
@@ -344,16 +344,16 @@ def test_a_ckpt_that_pickles_code_is_refused_without_running_it(
 
 def nan_loss_at(monkeypatch: pytest.MonkeyPatch, steps: set[int]) -> None:
     """Make the loss of the given optimizer steps NaN (one micro-batch per step in these configs)."""
-    import loha_train.runtime as runtime
+    from loha_train.training import step
 
-    original, calls = runtime.diffusion_loss, [0]
+    original, calls = step.diffusion_loss, [0]
 
     def diffusion_loss(*args: Any, **kwargs: Any) -> torch.Tensor:
         calls[0] += 1
         loss = original(*args, **kwargs)
         return loss * float("nan") if calls[0] in steps else loss
 
-    monkeypatch.setattr(runtime, "diffusion_loss", diffusion_loss)
+    monkeypatch.setattr(step, "diffusion_loss", diffusion_loss)
 
 
 @pytest.mark.parametrize(
@@ -421,16 +421,16 @@ class _NanGradient(torch.autograd.Function):
 def test_weights_poisoned_by_an_overflowing_step_are_never_checkpointed(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import loha_train.runtime as runtime
+    from loha_train.training import step
 
-    original, calls = runtime.diffusion_loss, [0]
+    original, calls = step.diffusion_loss, [0]
 
     def diffusion_loss(*args: Any, **kwargs: Any) -> torch.Tensor:
         calls[0] += 1
         loss = original(*args, **kwargs)
         return _NanGradient.apply(loss) if calls[0] == 4 else loss  # step 4: finite loss, NaN weights after it
 
-    monkeypatch.setattr(runtime, "diffusion_loss", diffusion_loss)
+    monkeypatch.setattr(step, "diffusion_loss", diffusion_loss)
     out = tmp_path / "out"
     status, _, err = loha([config(tmp_path, train__save_every_steps=2)], capsys)
     assert status == 2 and "holds NaN or inf values (an optimizer step overflowed), so this checkpoint" in err, err
@@ -444,7 +444,7 @@ def _fail_checkpoint_adapter(monkeypatch: pytest.MonkeyPatch, before: dict[str, 
     """safetensors reports a full disk as a SafetensorError; fail the second checkpoint's adapter file."""
     from safetensors import SafetensorError
 
-    from loha_train import checkpoint
+    from loha_train.training import checkpoint
 
     original, calls = checkpoint.save_file, [0]
 
@@ -513,20 +513,20 @@ def test_a_failed_checkpoint_write_is_one_clear_error_and_replaces_nothing(
 def test_a_full_disk_during_the_final_export_keeps_the_previous_adapter(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, reference: Path
 ) -> None:
-    from loha_train import export
+    from loha_train.fileformat import adapter_io
 
     out, path = tmp_path / "out", config(tmp_path, train__save_every_steps=2)
     assert loha([path, "--set", "train.max_steps=4"], capsys)[0] == 0
     previous = (out / "loha.safetensors").read_bytes()
 
-    publish = export._publish
+    publish = adapter_io._publish
 
     def fail_on_the_adapter(tmp: Path, final: Path) -> None:
         if final.name == "loha.safetensors":
             raise DISK_FULL
         publish(tmp, final)
 
-    monkeypatch.setattr(export, "_publish", fail_on_the_adapter)
+    monkeypatch.setattr(adapter_io, "_publish", fail_on_the_adapter)
     status, _, err = loha([path, "--resume", "latest"], capsys)  # trains on to 8 steps
     assert status == 1 and f"no space left on the device while writing {out / 'loha.safetensors'}. " in err, err
     assert (out / "loha.safetensors").read_bytes() == previous
@@ -619,7 +619,7 @@ def test_a_full_disk_while_caching_latents_is_reported_as_such(
 def test_a_signal_checkpoints_exits_128_plus_signum_and_prints_a_resume_command_that_works(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, reference: Path, signum: int
 ) -> None:
-    from loha_train import metrics
+    from loha_train.training import metrics
 
     out, path = tmp_path / "out", config(tmp_path, train__save_every_steps=2)
     original = metrics.MetricsLog.scalars
@@ -647,12 +647,13 @@ def test_a_signal_checkpoints_exits_128_plus_signum_and_prints_a_resume_command_
 def test_ctrl_c_while_the_model_loads_exits_130_without_a_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import loha_train.train
 
     def interrupted(*args: Any, **kwargs: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loha_train.train, "load_models", interrupted)
+    from loha_train.training import recipe
+
+    monkeypatch.setattr(recipe, "load_models", interrupted)
     status, _, err = loha([config(tmp_path)], capsys)
     assert status == 130 and err == "loha-train: interrupted\n"
     assert not (tmp_path / "out").exists()
@@ -662,7 +663,7 @@ def test_ctrl_c_while_the_model_loads_exits_130_without_a_traceback(
 
 
 def _changed_model(tmp_path: Path) -> list[str]:
-    from loha_train.builtin import resolve_builtin
+    from loha_train.models.builtin import resolve_builtin
 
     copy = tmp_path / "other-model"
     shutil.copytree(resolve_builtin("builtin:tiny-sd"), copy)

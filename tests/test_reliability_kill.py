@@ -15,9 +15,9 @@ import pytest
 import torch
 from test_reliability import assert_same_adapter, checkpoints, config, loha, snapshot
 
-from loha_train import export
-from loha_train.checkpoint import resolve_resume
-from loha_train.metrics import read_metrics
+from loha_train.fileformat import adapter_io
+from loha_train.training.checkpoint import resolve_resume
+from loha_train.training.metrics import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("builtin_cache", "fresh_accelerate")]
 
@@ -90,7 +90,7 @@ def test_sigkill_anywhere_then_resume_latest_ends_with_the_uninterrupted_adapter
     done = faulty("kill-in-export", 0, *resume_command(done.stderr))
     assert done.returncode == -signal.SIGKILL, done.stderr
     assert previous.read_bytes() == before
-    export.load_adapter(previous)  # still a valid LoHa file
+    adapter_io.load_adapter(previous)  # still a valid LoHa file
     assert len(list(out.glob("loha.safetensors.tmp-*"))) == 1, "the torn temporary file is next to it"
     assert checkpoints(out) == ["step-000005", "step-000006", "step-000008"]
 

@@ -15,11 +15,15 @@ from safetensors.torch import load_file, save_file
 from test_train import run, tiny_config
 from torch import nn
 
-from loha_train import convert, runtime
-from loha_train.builtin import resolve_builtin
 from loha_train.config import ConfigError, ModelConfig
-from loha_train.models import ModelError, detect_model, load_models, save_single_file
-from loha_train.sampling import SampleModels, make_pipeline
+from loha_train.models import layout
+from loha_train.models.builtin import resolve_builtin
+from loha_train.models.bundle import ModelError
+from loha_train.models.detect import detect_model
+from loha_train.models.loading import load_models
+from loha_train.models.single_file import save_single_file
+from loha_train.training import step
+from loha_train.training.sampling import SampleModels, make_pipeline
 
 pytestmark = pytest.mark.usefixtures("builtin_cache", "fresh_accelerate")
 
@@ -52,7 +56,7 @@ def test_the_loss_targets_v_for_v_models_and_noise_for_epsilon_models(model: str
     x0, noise = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
     t = torch.tensor([0, 500, 999])
     ctx = torch.randn(3, 77, bundle.unet.config.cross_attention_dim, generator=g)
-    loss = runtime.diffusion_loss(cfg, bundle, x0, noise, t, {"encoder_hidden_states": ctx}, torch.ones(3))
+    loss = step.diffusion_loss(cfg, bundle, x0, noise, t, {"encoder_hidden_states": ctx}, torch.ones(3))
 
     alpha_bar = bundle.noise_scheduler.alphas_cumprod.double()
     if zero_snr:
@@ -69,7 +73,7 @@ def test_the_loss_targets_v_for_v_models_and_noise_for_epsilon_models(model: str
     # a model that predicts exactly the formula's target has no loss; the other target would cost about 1 per element
     for guess in (v, noise):
         oracle = dataclasses.replace(bundle, unet=_Predicts(bundle.unet, guess.float()))
-        perfect = runtime.diffusion_loss(cfg, oracle, x0, noise, t, {"encoder_hidden_states": ctx}, torch.ones(3))
+        perfect = step.diffusion_loss(cfg, oracle, x0, noise, t, {"encoder_hidden_states": ctx}, torch.ones(3))
         assert (perfect.item() < 1e-10) == (guess is target), perfect.item()
     if zero_snr:
         assert torch.allclose(v[2], -x0[2].double())  # at t = T the velocity is -x0
@@ -144,7 +148,7 @@ def test_a_prediction_type_that_contradicts_the_files_is_an_error_naming_both(tm
 def _without_prediction_metadata(path: Path) -> Path:
     """Our single file as a third-party SD 2.x file would be: nothing says whether it predicts v or noise."""
     with safe_open(str(path), framework="pt") as f:
-        metadata = {k: v for k, v in f.metadata().items() if k != convert.METADATA_PREDICTION}
+        metadata = {k: v for k, v in f.metadata().items() if k != layout.METADATA_PREDICTION}
     save_file(load_file(path), path, metadata=metadata)
     return path
 
@@ -165,7 +169,7 @@ def test_an_sd2_single_file_that_does_not_say_takes_the_configured_prediction_ty
 
 
 def test_the_dry_run_plan_says_where_family_and_prediction_type_came_from(tmp_path: Path) -> None:
-    from loha_train.train import train
+    from loha_train.training.recipe import train
 
     lines: list[str] = []
     cfg = tiny_config(tmp_path, model__path=V, model__zero_terminal_snr=True)

@@ -13,17 +13,20 @@ from safetensors.torch import load_file, save_file
 from test_train import assert_same_run, losses, run, tiny_config
 from torch import nn
 
-from loha_train import cli, data, runtime
-from loha_train.adapter_spec import inject_from_file
+from loha_train import cli, data
 from loha_train.config import ModelConfig, NetworkConfig
-from loha_train.consumers import ConsumerModel, check_comfyui, comfy_unet_config, comfy_unet_to_diffusers
-from loha_train.convert import ldm_state_dict
-from loha_train.export import AdapterError, load_adapter, save_adapter
-from loha_train.inject import inject_loha, sd_components
-from loha_train.merge import merge_adapter
-from loha_train.models import ModelBundle, load_models
-from loha_train.sampling import SampleModels, make_pipeline
-from loha_train.text import encode_captions
+from loha_train.fileformat.adapter_io import AdapterError, load_adapter, save_adapter
+from loha_train.fileformat.consumers import ConsumerModel, check_comfyui, comfy_unet_config, comfy_unet_to_diffusers
+from loha_train.fileformat.keys import sd_components
+from loha_train.fileformat.merge import merge_adapter
+from loha_train.fileformat.spec import inject_from_file
+from loha_train.loha.inject import inject_loha
+from loha_train.models.bundle import ModelBundle
+from loha_train.models.encode import encode_captions
+from loha_train.models.loading import load_models
+from loha_train.models.single_file import ldm_state_dict
+from loha_train.training import data_pipeline, step
+from loha_train.training.sampling import SampleModels, make_pipeline
 
 pytestmark = pytest.mark.usefixtures("builtin_cache", "fresh_accelerate")
 
@@ -88,7 +91,7 @@ def test_sdxl_trains_end_to_end_and_resumes_exactly(tmp_path: Path) -> None:
 
 
 def test_sdxl_dry_run_plan_names_the_detected_family(tmp_path: Path) -> None:
-    from loha_train.train import train
+    from loha_train.training.recipe import train
 
     lines: list[str] = []
     train(tiny_config(tmp_path, model__path=XL), dry_run=True, echo=lines.append)
@@ -101,7 +104,7 @@ def test_sdxl_dry_run_plan_names_the_detected_family(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- conditioning
 def _two_non_square_samples(bundle: ModelBundle) -> tuple[dict[str, Any], list[data.CropPlan], list[Path]]:
     cfg = tiny_config(Path("unused"), model__path=XL)
-    data_cfg = runtime.resolve_data_config(cfg.data)
+    data_cfg = data_pipeline.resolve_data_config(cfg.data)
     index = data.check_images(data.scan_dataset(data_cfg, 0), skip_bad=False).index
     dataset = data.ImageDataset(index.train, data_cfg, seed=0)
     wanted = [i for i, item in enumerate(dataset.items) if item.size in ((128, 96), (96, 128))][:2]
@@ -116,7 +119,7 @@ def test_size_and_crop_conditioning_is_what_the_diffusers_sdxl_pipeline_builds()
     bundle = _bundle()
     batch, plans, paths = _two_non_square_samples(bundle)
     cfg = tiny_config(Path("unused"), model__path=XL)
-    cond = runtime._conditioning(cfg, bundle, batch, torch.device("cpu"))
+    cond = step.conditioning(cfg, bundle, batch, torch.device("cpu"))
     pipe = make_pipeline(SampleModels(bundle.unet, bundle.vae, bundle.text_encoders, bundle.tokenizers, {}), "euler")
     projection = bundle.text_encoders[1].config.projection_dim
     expected = []

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from loha_train.config import Config, config_from_dict
-from loha_train.metrics import read_metrics
+from loha_train.training.metrics import read_metrics
 
 pytestmark = pytest.mark.usefixtures("builtin_cache", "fresh_accelerate")
 
@@ -45,7 +45,7 @@ def tiny_config(out: Path, **sets: Any) -> Config:
 def run(out: Path, resume: str | None = None, **sets: Any) -> Path | None:
     from accelerate.state import AcceleratorState
 
-    from loha_train.train import train
+    from loha_train.training.recipe import train
 
     AcceleratorState._reset_state(True)
     return train(tiny_config(out, **sets), resume=resume, echo=lambda _: None)
@@ -114,7 +114,7 @@ def test_resume_of_a_resume_continues_counters(tmp_path: Path) -> None:
 
 
 def test_resume_refuses_changed_settings_and_names_them(tmp_path: Path) -> None:
-    from loha_train.checkpoint import CheckpointError
+    from loha_train.training.checkpoint import CheckpointError
 
     run(tmp_path, train__max_steps=2)
     with pytest.raises(CheckpointError, match=r"network\.rank: checkpoint has 4, config has 8"):
@@ -124,7 +124,7 @@ def test_resume_refuses_changed_settings_and_names_them(tmp_path: Path) -> None:
 
 
 def test_finished_output_folder_is_not_overwritten(tmp_path: Path) -> None:
-    from loha_train.train import TrainingError
+    from loha_train.training.guards import TrainingError
 
     run(tmp_path, train__max_steps=1)
     before = (tmp_path / "loha.safetensors").read_bytes()
@@ -134,7 +134,7 @@ def test_finished_output_folder_is_not_overwritten(tmp_path: Path) -> None:
 
 
 def test_overfitting_one_image_drives_the_fixed_validation_loss_down(tmp_path: Path) -> None:
-    from loha_train.builtin import resolve_builtin
+    from loha_train.models.builtin import resolve_builtin
 
     images = tmp_path / "one"
     images.mkdir()

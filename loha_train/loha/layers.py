@@ -7,8 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from . import functional as LF
-from .kernels import (
+from loha_train.loha import functional as LF
+from loha_train.loha.kernels import (
     FusedLoHaConv,
     FusedLoHaConvCP,
     FusedLoHaLinear,

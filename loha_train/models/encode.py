@@ -1,11 +1,16 @@
-"""Prompt conditioning: tokenize and encode captions for SD 1.x/2.x (one CLIP) and SDXL (two, plus pooled)."""
+"""What the frozen encoders make of inputs: captions -> conditioning (SD 1.x/2.x one CLIP, SDXL two plus pooled),
+pixels -> latents."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from loha_train.models.bundle import ModelBundle
 
 
 def tokenize(tokenizer: object, captions: Sequence[str]) -> Tensor:
@@ -63,3 +68,12 @@ def encode_captions(
 def sdxl_time_ids(original_size: Tensor, crop_top_left: Tensor, target_size: Tensor) -> Tensor:
     """SDXL size/crop conditioning per sample: (batch, 6) = original (h, w), crop (top, left), target (h, w)."""
     return torch.cat([original_size, crop_top_left, target_size], dim=1).to(torch.float32)
+
+
+def vae_encode(bundle: ModelBundle, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] -> scaled latents (the distribution's mode, so caching is deterministic)."""
+    vae = bundle.vae
+    device = next(vae.parameters()).device
+    latents = vae.encode(pixels.to(device, vae.dtype)).latent_dist.mode()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return ((latents - shift) * vae.config.scaling_factor).float()

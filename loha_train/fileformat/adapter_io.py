@@ -15,8 +15,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as serialize
 from torch import Tensor
 
-from .inject import InjectError, LoHaNetwork
-from .metadata import build_metadata, network_summary
+from loha_train.fileformat.metadata import build_metadata, network_summary
+from loha_train.loha.inject import InjectError, LoHaNetwork
 
 __all__ = [
     "AdapterError",

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from .adapter_spec import inject_from_file
-from .export import load_adapter
-from .inject import remove_loha, sd_components
+from loha_train.fileformat.adapter_io import load_adapter
+from loha_train.fileformat.keys import sd_components
+from loha_train.fileformat.spec import inject_from_file
+from loha_train.loha.inject import remove_loha
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +48,10 @@ def merge_adapter(
     done in float32 and saved in `precision`. `out` is written under a temporary name and renamed into place;
     an existing `out` is only replaced with `overwrite`.
     """
-    from .config import ModelConfig
-    from .convert import save_single_file
-    from .models import detect_model, load_models
+    from loha_train.config import ModelConfig
+    from loha_train.models.detect import detect_model
+    from loha_train.models.loading import load_models
+    from loha_train.models.single_file import save_single_file
 
     out = Path(out)
     if precision not in PRECISIONS:

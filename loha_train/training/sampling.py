@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .config import SampleConfig, SamplePrompt
-from .metrics import save_png
+from loha_train.config import Config, SampleConfig, SamplePrompt
+from loha_train.models.bundle import ModelBundle
+from loha_train.training.metrics import MetricsLog, save_png
 
 _SAMPLERS = {
     "euler": "EulerDiscreteScheduler",
@@ -122,3 +123,22 @@ def save_samples(images: Sequence[Image.Image], folder: Path, step: int) -> Path
     grid_path = folder / f"step-{step:06d}-grid.png"
     save_png(grid(images), grid_path)
     return grid_path
+
+
+def sample_now(cfg: Config, bundle: ModelBundle, accelerator: Any, log: MetricsLog, folder: Path, step: int) -> None:
+    """Generate the configured prompts on the main process (the RNG state is kept); the others wait."""
+    if accelerator.is_main_process:
+        models = SampleModels(
+            accelerator.unwrap_model(bundle.unet),
+            bundle.vae,
+            [accelerator.unwrap_model(te) for te in bundle.text_encoders],
+            bundle.tokenizers,
+            bundle.scheduler_config,
+        )
+        rng_state = torch.random.get_rng_state()
+        images = generate(models, cfg.sample, cfg.data.resolution, autocast=accelerator.autocast())
+        torch.random.set_rng_state(rng_state)
+        grid_path = save_samples(images, folder, step)
+        with Image.open(grid_path) as grid_image:
+            log.image("samples", grid_image.copy(), step)
+    accelerator.wait_for_everyone()

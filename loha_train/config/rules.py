@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from inspect import signature
 from typing import Any
 
-from loha_train.config_check import INVALID, ConfigProblem, FieldRule, show
+from loha_train.config.check import INVALID, FieldRule, show
+from loha_train.config.errors import ConfigProblem
 
 # ---------------------------------------------------------------------------------------------------------
 # Part 1: one rule per value, keyed by dotted key (`[]`: any list item or mapping value, `{}`: mapping key).

@@ -8,36 +8,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from loha_train.config_check import (
-    INVALID,
-    Builder,
-    ConfigError,
-    ConfigProblem,
-    Schema,
-    dump_yaml,
-    parse_yaml,
-    to_plain,
-)
-from loha_train.config_rules import FIELD_RULES, rule_problems
-
-__all__ = [
-    "Config",
-    "ConfigError",
-    "ConfigProblem",
-    "DataConfig",
-    "ModelConfig",
-    "NetworkConfig",
-    "OutputConfig",
-    "SampleConfig",
-    "SamplePrompt",
-    "TrainConfig",
-    "apply_overrides",
-    "config_from_dict",
-    "config_to_dict",
-    "dump_config",
-    "load_config",
-    "resolved_prompts",
-]
+from loha_train.config.check import INVALID, Builder, Schema, to_plain
+from loha_train.config.errors import ConfigError, ConfigProblem
+from loha_train.config.rules import FIELD_RULES, rule_problems
+from loha_train.config.yaml_io import dump_yaml, parse_yaml
 
 # Every field's comment is its documentation: scripts/config_table.py turns these dataclasses into the
 # README's config reference table, so keep each comment to one line a user can act on.

@@ -16,8 +16,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .inject import LoHaNetwork
+from loha_train import __version__
+from loha_train.loha.inject import LoHaNetwork
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "train_state.json"
@@ -37,7 +37,7 @@ class TrainState:
     step: int  # optimizer steps done
     epoch: int  # current epoch (0-based)
     batch_in_epoch: int  # micro-batches of this epoch already consumed (per process)
-    settings: dict[str, Any]  # the settings a resumed run must share (see train.resume_settings)
+    settings: dict[str, Any]  # the settings a resumed run must share (see training.resume.resume_settings)
     world_size: int = 1
     version: str = __version__
     extra: dict[str, Any] = field(default_factory=dict)  # counters: skipped steps, samples seen, ...

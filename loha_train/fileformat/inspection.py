@@ -12,9 +12,16 @@ from typing import Any
 
 import torch
 
-from .adapter_spec import AdapterSpec, ModuleSpec, network_config_from_file
-from .consumers import ConsumerCheck, ConsumerModel, Target, check_comfyui, check_webui, disagreements
-from .export import load_adapter
+from loha_train.fileformat.adapter_io import load_adapter
+from loha_train.fileformat.consumers import (
+    ConsumerCheck,
+    ConsumerModel,
+    Target,
+    check_comfyui,
+    check_webui,
+    disagreements,
+)
+from loha_train.fileformat.spec import AdapterSpec, ModuleSpec, network_config_from_file
 
 _CONV_NAME = re.compile(  # diffusers names, then the original (SGM) layout of SDXL files
     r"(conv_in|conv_out|conv1|conv2|conv_shortcut|samplers_0_conv|_op|in_layers_2|out_layers_3|skip_connection)$"
@@ -68,17 +75,18 @@ class InspectReport:
 
 def consumer_model(base: str) -> ConsumerModel:
     """The base model in the single-file layout both consumers read: from the file itself, or converted."""
-    from . import convert
-    from .config import ModelConfig
-    from .models import detect_model, load_models
-    from .reference_configs import REFERENCE
+    from loha_train.config import ModelConfig
+    from loha_train.models import layout, single_file
+    from loha_train.models.detect import detect_model
+    from loha_train.models.loading import load_models
+    from loha_train.models.reference_configs import REFERENCE
 
     info = detect_model(base)
     if info.kind == "single_file":
-        configs = json.loads(info.metadata.get(convert.METADATA_CONFIGS, "null")) or REFERENCE[info.family]
+        configs = json.loads(info.metadata.get(layout.METADATA_CONFIGS, "null")) or REFERENCE[info.family]
         return ConsumerModel(info.family, _file_shapes(info.path), dict(configs["unet"]))
     bundle = load_models(ModelConfig(path=base), dtype=torch.float16, with_tokenizers=False)  # shapes only
-    weights = {k: tuple(v.shape) for k, v in convert.ldm_state_dict(bundle).items()}
+    weights = {k: tuple(v.shape) for k, v in single_file.ldm_state_dict(bundle).items()}
     return ConsumerModel(info.family, weights, dict(bundle.unet.config))
 
 

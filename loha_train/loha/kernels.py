@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import functional as LF
-from .functional import cp_core, khatri_rao_cols
-from .gemm import mm
+from loha_train.loha import functional as LF
+from loha_train.loha.functional import cp_core, khatri_rao_cols
+from loha_train.loha.gemm import mm
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

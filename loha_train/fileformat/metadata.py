@@ -11,8 +11,8 @@ from typing import Any
 
 from torch import nn
 
-from . import __version__
-from .inject import LoHaNetwork
+from loha_train import __version__
+from loha_train.loha.inject import LoHaNetwork
 
 SAI_MODEL_SPEC = "1.0.0"
 NETWORK_MODULE = "lycoris.kohya"  # what LyCORIS's kohya entry point writes; WebUI shows it as "Kohya module"

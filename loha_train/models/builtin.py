@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loha_train.clip_bpe import BOS, EOS, train_clip_bpe, write_clip_tokenizer
-from loha_train.reference_configs import SD_SCHEDULE
+from loha_train.models.clip_bpe import BOS, EOS, train_clip_bpe, write_clip_tokenizer
+from loha_train.models.reference_configs import SD_SCHEDULE
 
 if TYPE_CHECKING:
     import torch

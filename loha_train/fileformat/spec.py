@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .export import CORES, FACTORS, AdapterError, apply_adapter
-from .inject import Component, ExplicitTarget, InjectError, LoHaNetwork, inject_explicit, module_keys
+from loha_train.fileformat.adapter_io import CORES, FACTORS, AdapterError, apply_adapter
+from loha_train.loha.inject import Component, ExplicitTarget, InjectError, LoHaNetwork, inject_explicit, module_keys
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 _SGM_UNET = re.compile(r"^lora_unet_(input_blocks|middle_block|output_blocks|label_emb|time_embed|out)_")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from .config import Config
+from loha_train.config import Config
 
 FINAL_CONFIG = "config.yaml"
 

@@ -14,7 +14,7 @@ from functools import cache
 from typing import Any, Literal, Union, get_args, get_origin
 
 from loha_train.config import SCHEMA, Config
-from loha_train.config_check import iter_fields, to_plain, type_hints
+from loha_train.config.check import iter_fields, to_plain, type_hints
 
 START = "<!-- config-table:start -->"
 END = "<!-- config-table:end -->"

@@ -1,0 +1,44 @@
+"""The run configuration: YAML schema (schema.py), type checks (check.py), value rules (rules.py), doc table (doc.py).
+
+The schema's public names are re-exported here, so callers write `from loha_train.config import Config`.
+"""
+
+from loha_train.config.schema import (
+    SCHEMA,
+    Config,
+    ConfigError,
+    ConfigProblem,
+    DataConfig,
+    ModelConfig,
+    NetworkConfig,
+    OutputConfig,
+    SampleConfig,
+    SamplePrompt,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+    load_config,
+    resolved_prompts,
+)
+
+__all__ = [
+    "SCHEMA",
+    "Config",
+    "ConfigError",
+    "ConfigProblem",
+    "DataConfig",
+    "ModelConfig",
+    "NetworkConfig",
+    "OutputConfig",
+    "SampleConfig",
+    "SamplePrompt",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
+    "resolved_prompts",
+]

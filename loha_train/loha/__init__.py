@@ -1,0 +1,1 @@
+"""The LoHa adapter: pure maths, fused kernels, matrix products, layers and injection (no files, no accelerate)."""

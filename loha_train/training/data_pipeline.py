@@ -1,0 +1,161 @@
+"""The data side of a run: checked dataset, sampler and loader, validation set, and the filled latent/text caches."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from loha_train import data
+from loha_train.config import Config, DataConfig
+from loha_train.models import builtin
+from loha_train.models.bundle import ModelBundle
+from loha_train.models.detect import model_hash
+from loha_train.models.encode import encode_captions, vae_encode
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataPipeline:
+    """The checked dataset, its sampler and loader, and the optional validation set."""
+
+    index: data.DatasetIndex
+    data_cfg: DataConfig  # cfg.data with builtin: paths resolved
+    dataset: data.ImageDataset
+    sampler: data.BucketBatchSampler
+    loader: DataLoader
+    validation: data.ImageDataset | None
+    problems: int  # bad files skipped (data.skip_bad_images)
+    summary: str
+    fingerprint: dict[str, Any]  # data.dataset_fingerprint of the checked index
+
+
+def resolve_data_config(cfg: DataConfig) -> DataConfig:
+    """cfg with `builtin:` dataset names replaced by their generated folders."""
+    updates = {
+        key: str(builtin.resolve_builtin(value))
+        for key in ("path", "reg_path", "validation_path")
+        if isinstance(value := getattr(cfg, key), str) and builtin.is_builtin(value)
+    }
+    return dataclasses.replace(cfg, **updates) if updates else cfg
+
+
+def build_data(cfg: Config, bundle: ModelBundle, accelerator: Any, *, encode: bool = True) -> DataPipeline:
+    """Scan and check every image up front, then (unless `encode` is False) fill the latent/text caches."""
+    data_cfg = resolve_data_config(cfg.data)
+    seed = cfg.train.seed
+    report = data.check_images(data.scan_dataset(data_cfg, seed), skip_bad=data_cfg.skip_bad_images)
+    index = report.index
+    latents = _latent_cache(cfg, data_cfg) if data_cfg.cache_latents != "none" else None
+    text = data.TextEmbeddingCache(_identity(cfg, "text"), cfg.model.clip_skip) if _can_cache_text(cfg) else None
+    train_items = index.train + index.reg
+    dataset = data.ImageDataset(train_items, data_cfg, seed, latents=latents, text=text)
+    validation = (
+        data.ImageDataset(index.validation, data_cfg, seed, augment=False, latents=latents, text=text)
+        if index.validation
+        else None
+    )
+    if encode:
+        _fill_caches(bundle, accelerator, latents, text, dataset, validation, data_cfg, index, cfg)
+    sampler = data.BucketBatchSampler(
+        dataset.items,
+        dataset.buckets,
+        cfg.train.batch_size,
+        seed,
+        num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=data.collate,
+        num_workers=data_cfg.num_workers,
+        worker_init_fn=data.ignore_stop_signals,
+    )
+    summary = (
+        f"{len(index.train)} images ({index.layout} layout), {len(index.reg)} regularization, "
+        f"{len(index.validation)} validation; {len(set(dataset.buckets))} bucket(s); "
+        f"{sampler.samples_per_epoch} samples per epoch"
+        + (f"; {len(report.problems)} bad file(s) skipped" if report.problems else "")
+    )
+    fingerprint = data.dataset_fingerprint(index)
+    return DataPipeline(
+        index, data_cfg, dataset, sampler, loader, validation, len(report.problems), summary, fingerprint
+    )
+
+
+def _can_cache_text(cfg: Config) -> bool:
+    return cfg.data.cache_text_embeddings and not cfg.network.train_text_encoder and not data.captions_vary(cfg.data)
+
+
+def _identity(cfg: Config, part: str) -> str:
+    """A stable identity for cache keys: the base model's content hash (and the separate VAE's, if any)."""
+    parts = [model_hash(cfg.model.path), part]
+    if part == "vae" and cfg.model.vae_path:
+        parts.append(model_hash(cfg.model.vae_path))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+def _latent_cache(cfg: Config, data_cfg: DataConfig) -> data.LatentCache:
+    folder = data.default_cache_dir(data_cfg.path) / "latents" if data_cfg.cache_latents == "disk" else None
+    return data.LatentCache(data_cfg.cache_latents, _identity(cfg, "vae"), folder)  # type: ignore[arg-type]
+
+
+def _fill_caches(
+    bundle: ModelBundle,
+    accelerator: Any,
+    latents: data.LatentCache | None,
+    text: data.TextEmbeddingCache | None,
+    dataset: data.ImageDataset,
+    validation: data.ImageDataset | None,
+    data_cfg: DataConfig,
+    index: data.DatasetIndex,
+    cfg: Config,
+) -> None:
+    """Encode what is not cached yet; with several processes each encodes its shard of the latents."""
+    if latents is not None:
+        entries = dataset.cache_entries() + (validation.cache_entries() if validation else [])
+        _fill_latents(bundle, accelerator, latents, entries)
+    if text is not None:
+        captions = data.fixed_captions(index.train + index.reg + index.validation, data_cfg)
+
+        def encode_text(chunk: list[str]) -> dict[str, torch.Tensor]:
+            out = encode_captions(bundle.text_encoders, bundle.tokenizers, chunk, cfg.model.clip_skip)
+            return {k: v.float().cpu() for k, v in out.items()}
+
+        text.prepare(captions, encode_text)
+
+
+def _fill_latents(
+    bundle: ModelBundle, accelerator: Any, latents: data.LatentCache, entries: list[tuple[Any, Any]]
+) -> None:
+    """Encode the latents not cached yet, each once over all processes.
+
+    With several processes each encodes every world_size-th distinct entry. A memory cache then receives the
+    other processes' shards (gathered); a disk cache finds them in its folder. The final pass encodes only what
+    a process still misses: nothing, unless a disk cache folder is not shared (nodes with local disks).
+    """
+
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        return vae_encode(bundle, pixels).cpu()
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if world > 1:
+        distinct = list({latents.key(item, plan): (item, plan) for item, plan in entries}.values())
+        mine = distinct[rank::world]
+        stats = latents.prepare(mine, encode)
+        logger.info("latents (rank %d): %d encoded, %d reused from the cache", rank, stats.encoded, stats.reused)
+        if latents.mode == "memory":
+            from accelerate.utils import gather_object
+
+            for shard in gather_object([latents.export(mine)]):
+                latents.absorb(shard)
+        accelerator.wait_for_everyone()
+    stats = latents.prepare(entries, encode)
+    logger.info("latents: %d encoded, %d reused from the cache", stats.encoded, stats.reused)

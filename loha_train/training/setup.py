@@ -1,0 +1,84 @@
+"""Set a run up: the frozen model on the device, the adapters injected, and the trained models prepared (DDP)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from loha_train.config import Config
+from loha_train.fileformat.adapter_io import apply_adapter, load_adapter
+from loha_train.fileformat.keys import sd_components
+from loha_train.loha.inject import LoHaNetwork, inject_loha
+from loha_train.models.bundle import ModelBundle
+from loha_train.training import checkpoint
+from loha_train.training.optim import build_optimizer
+
+
+def to_device(bundle: ModelBundle, device: torch.device) -> None:
+    """Move the frozen UNet, VAE and text encoders to the training device."""
+    bundle.unet.to(device)
+    bundle.vae.to(device)
+    for te in bundle.text_encoders:
+        te.to(device)
+
+
+def build_network(cfg: Config, bundle: ModelBundle, device: torch.device) -> LoHaNetwork:
+    """Inject LoHa where `network` says (kohya key names), on `device`, from `network.init_from` when given."""
+    components = sd_components(
+        bundle.unet if cfg.network.train_unet else None,
+        bundle.text_encoders if cfg.network.train_text_encoder else [],
+        family=bundle.family,
+    )
+    network = inject_loha(components, cfg.network, seed=cfg.train.seed)
+    for module in network.modules.values():
+        module.to(device)
+    if cfg.network.init_from:
+        state, _ = load_adapter(cfg.network.init_from)
+        apply_adapter(network, state, source=cfg.network.init_from)
+    return network
+
+
+def may_leave_adapters_unused(cfg: Config, family: str) -> bool:
+    """Whether a step can leave some adapter parameters without a gradient, which DDP must be told about:
+    module dropout skips whole adapters, and a trained text encoder's last layer is unused with clip_skip > 1
+    (and SDXL's first encoder always stops at its penultimate layer)."""
+    skips_text_layers = cfg.network.train_text_encoder and (cfg.model.clip_skip > 1 or family == "sdxl")
+    return cfg.network.module_dropout > 0 or skips_text_layers
+
+
+def prepare_for_training(
+    cfg: Config, accelerator: Any, bundle: ModelBundle, network: LoHaNetwork, total_steps: int
+) -> tuple[ModelBundle, list[Any], Any, Any]:
+    """Gradient checkpointing, the optimizer and schedule, accelerate's prepare and the checkpoint hooks.
+
+    Returns the bundle whose trained models are their prepared (DDP) wrappers, those wrappers, the optimizer and
+    the LR scheduler.
+    """
+    trained = [m for m in (bundle.unet, *bundle.text_encoders) if any(p.requires_grad for p in m.parameters())]
+    if cfg.train.gradient_checkpointing:
+        _enable_gradient_checkpointing(bundle, cfg)
+    optimizer, lr_scheduler = build_optimizer(cfg, network, total_steps)
+    prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
+    models, optimizer, lr_scheduler = list(prepared[: len(trained)]), prepared[-2], prepared[-1]
+    checkpoint.register_adapter_hooks(accelerator, network)
+    return _through_wrappers(bundle, trained, models), models, optimizer, lr_scheduler
+
+
+def _enable_gradient_checkpointing(bundle: ModelBundle, cfg: Config) -> None:
+    bundle.unet.enable_gradient_checkpointing()
+    if cfg.network.train_text_encoder:
+        for te in bundle.text_encoders:
+            te.gradient_checkpointing_enable()
+
+
+def _through_wrappers(bundle: ModelBundle, raw: list[Any], prepared: list[Any]) -> ModelBundle:
+    """The bundle with each trained model replaced by its prepared (DDP) wrapper. DDP synchronises gradients
+    only for a backward that follows its own forward, so the loss must call the wrapper, not the module."""
+    wrapper = {id(module): wrapped for module, wrapped in zip(raw, prepared, strict=True)}
+    return dataclasses.replace(
+        bundle,
+        unet=wrapper.get(id(bundle.unet), bundle.unet),
+        text_encoders=[wrapper.get(id(te), te) for te in bundle.text_encoders],
+    )

@@ -1,0 +1,92 @@
+"""One micro-step of diffusion training as pure functions: seeding, noise and timesteps, conditioning, the loss."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from loha_train.config import Config
+from loha_train.models.bundle import ModelBundle
+from loha_train.models.encode import encode_captions, sdxl_time_ids, vae_encode
+
+
+def seed_everything_for(seed: int, step: int, micro: int) -> None:
+    """Seed the global RNGs from (seed, step, micro-batch): noise, timesteps and dropouts then depend only on
+    where the run is, so a resumed run draws exactly what an uninterrupted one would.
+
+    `micro` numbers the step's micro-batches over all processes (see `global_micro_index`), not per process, so
+    N processes draw what one process accumulating N times as many micro-batches would.
+    """
+    digest = hashlib.sha256(f"{seed}:{step}:{micro}".encode()).digest()
+    torch.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def global_micro_index(micro: int, rank: int, world_size: int) -> int:
+    """Which of the step's micro-batches over all processes this is: rank r's j-th micro-batch is the global batch
+    j * world_size + r of the step (the sampler deals global batches round-robin), as for one process."""
+    return micro * world_size + rank
+
+
+def micro_step(cfg: Config, bundle: ModelBundle, device: torch.device, batch: dict[str, Any]) -> torch.Tensor:
+    """The diffusion loss of one micro-batch (noise, timesteps, target, weighting), averaged over samples."""
+    latents = batch["latents"].to(device) if "latents" in batch else vae_encode(bundle, batch["pixels"])
+    cond = conditioning(cfg, bundle, batch, device)
+    noise, timesteps = noise_and_timesteps(cfg, bundle, latents)
+    return diffusion_loss(cfg, bundle, latents, noise, timesteps, cond, batch["loss_weight"].to(device))
+
+
+def noise_and_timesteps(cfg: Config, bundle: ModelBundle, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian noise (plus `train.noise_offset` per channel) and uniform timesteps, from the global RNG."""
+    noise = torch.randn_like(latents)
+    if cfg.train.noise_offset > 0:
+        noise = noise + cfg.train.noise_offset * torch.randn(*latents.shape[:2], 1, 1, device=latents.device)
+    steps = bundle.noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (latents.shape[0],), device=latents.device)
+    return noise, timesteps
+
+
+def conditioning(cfg: Config, bundle: ModelBundle, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The UNet's text conditioning for a batch (cached or encoded now), with SDXL's size/crop time ids."""
+    if "text_embeddings" in batch:
+        cond = {k: v.to(device) for k, v in batch["text_embeddings"].items()}
+    else:
+        grad = torch.enable_grad() if cfg.network.train_text_encoder else torch.no_grad()
+        with grad:
+            cond = encode_captions(bundle.text_encoders, bundle.tokenizers, batch["captions"], cfg.model.clip_skip)
+    if bundle.family == "sdxl":
+        time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"]).to(device)
+        cond["added_cond_kwargs"] = {"text_embeds": cond.pop("text_embeds"), "time_ids": time_ids}
+    return cond
+
+
+def diffusion_loss(
+    cfg: Config,
+    bundle: ModelBundle,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    cond: dict[str, Any],
+    loss_weight: torch.Tensor,
+) -> torch.Tensor:
+    """MSE between the UNet's prediction and the epsilon or v target, min-SNR and prior weighted."""
+    sched = bundle.noise_scheduler
+    noisy = sched.add_noise(latents, noise, timesteps)
+    target = sched.get_velocity(latents, noise, timesteps) if bundle.prediction_type == "v_prediction" else noise
+    unet_dtype = next(p for p in bundle.unet.parameters()).dtype
+    hidden = cond["encoder_hidden_states"].to(unet_dtype)
+    pred = bundle.unet(noisy.to(unet_dtype), timesteps, hidden, added_cond_kwargs=cond.get("added_cond_kwargs")).sample
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if cfg.train.min_snr_gamma:
+        loss = loss * min_snr_weight(sched, timesteps, cfg.train.min_snr_gamma, bundle.prediction_type)
+    return (loss * loss_weight).mean()
+
+
+def min_snr_weight(scheduler: Any, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma weights (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v."""
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = alphas / (1 - alphas)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
