@@ -85,6 +85,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="base weights + autocast; adapters stay fp32")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (compiled during the warm-up)")
+    p.add_argument(
+        "--compile-backend",
+        choices=("inductor", "aot_eager", "eager"),
+        default="inductor",
+        help="with --compile; aot_eager traces without generating code (the CPU dry run of gpu_check.sh)",
+    )
     p.add_argument("--text-encoder", action="store_true", help="also run and adapt the CLIP text encoder")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
     p.add_argument("--seed", type=int, default=SEED)
@@ -108,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name} must be >= 1")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
+    if args.compile and args.warmup < 1:
+        p.error("--compile needs --warmup >= 1 (the first step compiles)")
     return args
 
 
@@ -120,6 +129,8 @@ def worker_argv(args: argparse.Namespace, variant: str, result_file: Path) -> li
         argv += ["--threads", str(args.threads)]
     if args.gradient_checkpointing:
         argv.append("--gradient-checkpointing")
+    if args.compile:
+        argv += ["--compile", "--compile-backend", args.compile_backend]
     if args.text_encoder:
         argv.append("--text-encoder")
     if args.profile is not None:

@@ -47,6 +47,7 @@ def shared_config(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("model", "latent", "batch", "rank", "alpha", "steps", "warmup", "device", "dtype", "seed")
     cfg: dict[str, Any] = {k: getattr(args, k) for k in keys}
     cfg["gradient_checkpointing"] = args.gradient_checkpointing
+    cfg["compile"] = getattr(args, "compile", False) and args.compile_backend
     cfg["text_encoder"] = args.text_encoder
     cfg["threads"] = args.threads or default_threads()
     cfg["unet_targets"] = list(UNET_TARGETS)
@@ -281,6 +282,10 @@ def prepare(args: argparse.Namespace, variant: str) -> tuple[Any, list[Any], lis
     cast_frozen_(owners, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype])
     for module in owners:
         module.to(args.device)
+    if args.compile:  # as loha-train's train.compile does, for every variant alike
+        from loha_train.training.setup import compile_model
+
+        compile_model(models.unet, args.compile_backend)
     params = trainable_parameters(owners)
     return models, params, wrapped, {"build_s": t1 - t0, "inject_s": t2 - t1}
 

@@ -61,6 +61,7 @@ def mm(a: Tensor, b: Tensor) -> Tensor:
     if (
         a.dtype == b.dtype == torch.float32
         and a.device.type == "cpu"
+        and not torch.compiler.is_compiling()  # inductor picks its own CPU kernels (oneDNN among them)
         and a.shape[0] * a.shape[1] * b.shape[1] >= MIN_MACS
     ):
         linear = _load()

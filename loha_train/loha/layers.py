@@ -80,7 +80,8 @@ class LoHaModule(nn.Module):
             setattr(self, name.replace("w1", "w2"), nn.Parameter(torch.empty(shape, device=device)))
 
     # The fused single-node kernels (kernels.py) are the default; the plain-autograd path (adapter_forward) is the
-    # reference they are tested against, and the fallback when the base weight itself is trained. `path` picks
+    # reference they are tested against, the fallback when the base weight itself is trained, and the path under
+    # torch.compile (train.compile), whose compiler traces and fuses plain ops but not our autograd nodes. `path` picks
     # the fused kernel: "auto" compares the multiply-adds of the rank-r^2 path and the merged-weight path for the
     # shapes and token count of each call; "factored" and "merged" force one (tests, benchmarks).
     fused: bool = True
@@ -92,7 +93,7 @@ class LoHaModule(nn.Module):
         if self.training and self.module_dropout > 0 and float(torch.rand(())) < self.module_dropout:
             return self.base(x)
         row_scale = self._row_scale(x.device)
-        if self.fused and not self.base.weight.requires_grad and self._fusable():
+        if self.fused and not self.base.weight.requires_grad and self._fusable() and not torch.compiler.is_compiling():
             return self.fused_forward(x, row_scale)
         return self.base(x) + self.adapter_forward(x, row_scale)
 

@@ -59,11 +59,27 @@ def prepare_for_training(
     trained = [m for m in (bundle.unet, *bundle.text_encoders) if any(p.requires_grad for p in m.parameters())]
     if cfg.train.gradient_checkpointing:
         _enable_gradient_checkpointing(bundle, cfg)
+    if cfg.train.compile:
+        compile_model(bundle.unet)
     optimizer, lr_scheduler = build_optimizer(cfg, network, total_steps)
     prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
     models, optimizer, lr_scheduler = list(prepared[: len(trained)]), prepared[-2], prepared[-1]
     checkpoint.register_adapter_hooks(accelerator, network)
     return _through_wrappers(bundle, trained, models), models, optimizer, lr_scheduler
+
+
+def compile_model(module: torch.nn.Module, backend: str = "inductor") -> None:
+    """torch.compile `module` in place (its state_dict keys, hooks and checkpoints stay as they are).
+
+    Under compilation the LoHa layers take their plain-autograd path, which the compiler traces and fuses (it
+    does not trace our fused autograd nodes). Random ops inside the graph (rank dropout) draw from the global RNG
+    as in eager mode (inductor's fallback_random), so a compiled run draws the same masks and resumes exactly.
+    Module dropout decides per call in Python, which splits the graph at each adapter.
+    """
+    import torch._inductor.config as inductor
+
+    inductor.fallback_random = True
+    module.compile(backend=backend)
 
 
 def _enable_gradient_checkpointing(bundle: ModelBundle, cfg: Config) -> None:
