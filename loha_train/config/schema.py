@@ -117,7 +117,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast precision (GPU)
     gradient_checkpointing: bool = False  # trade compute for activation memory
-    compile: bool = False  # torch.compile the UNet with its LoHa layers (the first step compiles: minutes)
+    compile: bool = False  # torch.compile the UNet with its LoHa layers; GPU only (first step compiles: minutes)
     seed: int = 42  # seeds data order, noise, dropouts and init
     noise_offset: float = 0.0  # offset noise strength (0.05-0.1 for darker/brighter images)
     min_snr_gamma: float | None = None  # min-SNR loss weighting (5 is common)
