@@ -242,3 +242,11 @@ def test_first_use_of_a_builtin_says_that_it_builds_it(tmp_path: Path, caplog: p
         resolve_builtin("builtin:shapes", cache=tmp_path)
         resolve_builtin("builtin:shapes", cache=tmp_path)  # built: silent
     assert caplog.text.count("building builtin:shapes into") == 1, caplog.text
+
+
+def test_readme_and_quickstart_config_state_the_same_time_on_two_cores() -> None:
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    quickstart = (root / "configs" / "quickstart.yaml").read_text(encoding="utf-8")
+    assert "1-2 minutes on two idle CPU cores" in readme and "1-2 minutes on two idle CPU cores" in quickstart
+    assert "busy" in quickstart and "shared cores" in readme  # and say what it depends on
