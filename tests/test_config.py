@@ -221,6 +221,7 @@ RANGE_ERRORS = [
     ({"data.bucket_min_side": 100}, "data.bucket_min_side", "multiple of 8"),
     ({"data.bucket_max_side": -8}, "data.bucket_max_side", "positive multiple of 8"),
     ({"data.bucket_step": 60}, "data.bucket_step", "multiple of 8"),
+    ({"data.max_aspect_ratio": 0.5}, "data.max_aspect_ratio", "must be >= 1, got 0.5"),
     ({"data.reg_repeats": 0}, "data.reg_repeats", "must be >= 1"),
     ({"data.prior_loss_weight": -1}, "data.prior_loss_weight", "must be >= 0"),
     ({"data.num_workers": -1}, "data.num_workers", "must be >= 0"),

@@ -232,3 +232,17 @@ def test_anything_but_a_subcommand_is_a_training_run(monkeypatch):
     monkeypatch.setattr(cli, "_cmd_train", lambda argv: seen.append(list(argv)) or 0)
     assert cli.main(["run.yaml", "--set", "train.max_steps=3"]) == 0
     assert seen == [["run.yaml", "--set", "train.max_steps=3"]]
+
+
+def test_merge_refuses_weights_that_come_out_non_finite(
+    adapter: Path, base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from test_reliability import loha
+
+    out = tmp_path / "merged.safetensors"
+    args = ["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out)]
+    status, _, err = loha([*args, "--multiplier", "1e300"], capsys)  # a finite float that overflows fp32
+    assert status == 2 and "is NaN or infinite" in err and "Nothing was written" in err, err
+    status, _, err = loha([*args, "--multiplier", "1e7", "--precision", "fp16"], capsys)  # fits fp32, not fp16
+    assert status == 2 and "exceeds the largest torch.float16 value (65504)" in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -63,6 +63,7 @@ FIELD_RULES: dict[str, FieldRule] = {
     "data.bucket_min_side": _SIDE,
     "data.bucket_max_side": _SIDE,
     "data.bucket_step": _SIDE,
+    "data.max_aspect_ratio": _AT_LEAST_1,
     "data.reg_repeats": _AT_LEAST_1,
     "data.prior_loss_weight": _NON_NEGATIVE,
     "data.num_workers": _NON_NEGATIVE,

@@ -10,8 +10,9 @@ from typing import Any, Literal
 
 from loha_train.config.check import INVALID, Builder, Schema, to_plain
 from loha_train.config.errors import ConfigError, ConfigProblem
+from loha_train.config.fs import write_problem
 from loha_train.config.rules import FIELD_RULES, rule_problems
-from loha_train.config.yaml_io import dump_yaml, parse_yaml
+from loha_train.config.yaml_io import dump_yaml, parse_yaml, read_config_text
 
 # Every field's comment is its documentation: scripts/config_table.py turns these dataclasses into the
 # README's config reference table, so keep each comment to one line a user can act on.
@@ -85,6 +86,7 @@ class DataConfig:
     bucket_no_upscale: bool = True  # never upscale an image to reach a bucket
     random_crop: bool = False  # random instead of center crop (incompatible with latent caching)
     flip: bool = False  # random horizontal flip (incompatible with latent caching)
+    max_aspect_ratio: float = 8.0  # refuse images whose long side is over this times the short side
     reg_path: str | None = None  # regularization (class) images, DreamBooth style
     reg_repeats: int = 1  # repeats for regularization images
     prior_loss_weight: float = 1.0  # loss weight of regularization images
@@ -244,8 +246,8 @@ def _path_problems(sections: Mapping[str, Any], raw: Mapping[str, Any]) -> Itera
             continue
         if key in _INPUT_PATHS and not os.path.exists(value):
             yield ConfigProblem(key, f"does not exist: {value}")
-        elif key in _OUTPUT_PATHS and os.path.isfile(value):
-            yield ConfigProblem(key, f"is a file, not a folder: {value}")
+        elif key in _OUTPUT_PATHS and (problem := write_problem(value)):
+            yield ConfigProblem(key, f"{problem}: {value}; choose a folder you can write to")
 
 
 def _path_value(section: Any, raw_section: Any, name: str) -> str | None:
@@ -266,11 +268,9 @@ def _path_value(section: Any, raw_section: Any, name: str) -> str | None:
 def load_config(path: str | Path, overrides: Sequence[str] = (), *, check_paths: bool = True) -> Config:
     """Read a YAML config, apply `--set dotted.key=value` overrides, check everything; raise ConfigError."""
     source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError([ConfigProblem("", f"cannot read the config file: {err.strerror}")], source) from None
-    return config_from_dict(parse_yaml(text, source), overrides, check_paths=check_paths, source=source)
+    return config_from_dict(
+        parse_yaml(read_config_text(Path(path)), source), overrides, check_paths=check_paths, source=source
+    )
 
 
 def config_from_dict(

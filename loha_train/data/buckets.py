@@ -12,6 +12,7 @@ from PIL import Image, ImageOps
 
 from loha_train.config import DataConfig
 from loha_train.data.common import DataError
+from loha_train.data.imaging import to_8bit
 
 Bucket = tuple[int, int]  # (width, height) in pixels, as in kohya's ss_bucket_info
 
@@ -128,7 +129,7 @@ def randomize_plan(plan: CropPlan, random_crop: bool, flip: bool, rng: np.random
 def open_rgb(path: Path) -> Image.Image:
     """The image as the viewer shows it: EXIF orientation applied, transparency composited on white."""
     with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
+        image = to_8bit(ImageOps.exif_transpose(image))
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             rgba = image.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

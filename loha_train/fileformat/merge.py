@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -54,6 +55,8 @@ def merge_adapter(
     from loha_train.models.single_file import save_single_file
 
     out = Path(out)
+    if not math.isfinite(multiplier):
+        raise MergeError(f"--multiplier must be a finite number such as 0.8, got {multiplier}")
     if precision not in PRECISIONS:
         raise MergeError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if (out.exists() or out.is_symlink()) and not overwrite:
@@ -73,10 +76,32 @@ def merge_adapter(
     network.set_multiplier(multiplier)
     network.merge()
     remove_loha(components)
+    merged = {"unet": bundle.unet, **{f"text_encoder{i or ''}": te for i, te in enumerate(bundle.text_encoders)}}
+    refuse_non_finite(merged, adapter, multiplier, PRECISIONS[precision])
     logger.info("merged %d modules of %s at multiplier %g", len(network.modules), adapter, multiplier)
     if single_file:
         return save_single_file(bundle, out, dtype=PRECISIONS[precision])
     return _save_folder(bundle, info.path, out, PRECISIONS[precision])
+
+
+def refuse_non_finite(
+    models: dict[str, torch.nn.Module], adapter: str | Path, multiplier: float, dtype: torch.dtype
+) -> None:
+    """Refuse to save a model with a NaN/inf weight, or one that `dtype` (fp16: |w| <= 65504) cannot hold."""
+    limit = torch.finfo(dtype).max
+    for component, model in models.items():
+        for name, weight in model.state_dict().items():
+            if not weight.is_floating_point():
+                continue
+            finite = torch.isfinite(weight)
+            if finite.all() and weight.abs().max() <= limit:
+                continue
+            what = "is NaN or infinite" if not finite.all() else f"exceeds the largest {dtype} value ({limit:g})"
+            raise MergeError(
+                f"merging {adapter} at multiplier {multiplier:g} makes {component}.{name} unusable: it {what}. "
+                "Nothing was written. Use a smaller --multiplier, --precision fp32, or check the adapter with "
+                "`loha-train inspect`."
+            )
 
 
 def _save_folder(bundle: object, base_dir: Path, out: Path, dtype: torch.dtype) -> Path:

@@ -179,7 +179,7 @@ def _kohya(
     }
     if "steps_per_epoch" in plan:
         out["ss_num_batches_per_epoch"] = int(plan["steps_per_epoch"]) * int(train["gradient_accumulation"])
-    for key in ("tag_frequency", "bucket_info", "num_train_images", "num_reg_images"):
+    for key in ("tag_frequency", "bucket_info", "num_train_images", "num_reg_images", "reg_dataset_dirs"):
         if key in dataset:
             out[f"ss_{key}"] = dataset[key]
     dirs = _dataset_dirs(dataset, int(data["repeats"]))
@@ -228,7 +228,7 @@ def build_metadata(
     dataset: {"fingerprint": `data.dataset_fingerprint(index)`, "tag_frequency": {subset: {tag: n}},
         "bucket_info": {"buckets": {i: {"resolution": [w, h], "count": n}}, ...}, "dataset_dirs":
         {folder: {"n_repeats": r, "img_count": n}} or "dirs": {folder: image count}, "num_train_images",
-        "num_reg_images"}; every entry optional.
+        "num_reg_images"} (both images x repeats, as kohya counts them); every entry optional.
     plan: {"total_steps", "effective_batch", "steps_per_epoch", ...}; stats: {"steps", "epoch", "finished_at",
         ...}; started_at / finished_at are Unix times.
     """

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,10 +14,12 @@ from torch.utils.data import DataLoader
 
 from loha_train import data
 from loha_train.config import Config, DataConfig
+from loha_train.config.fs import write_problem
 from loha_train.models import builtin
 from loha_train.models.bundle import ModelBundle
 from loha_train.models.detect import model_hash
 from loha_train.models.encode import encode_captions, vae_encode
+from loha_train.training.progress import counter
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +53,9 @@ def build_data(cfg: Config, bundle: ModelBundle, accelerator: Any, *, encode: bo
     """Scan and check every image up front, then (unless `encode` is False) fill the latent/text caches."""
     data_cfg = resolve_data_config(cfg.data)
     seed = cfg.train.seed
-    report = data.check_images(data.scan_dataset(data_cfg, seed), skip_bad=data_cfg.skip_bad_images)
+    index = data.scan_dataset(data_cfg, seed)
+    with counter("checking images", enabled=accelerator.is_main_process) as progress:
+        report = data.check_images(index, skip_bad=data_cfg.skip_bad_images, progress=progress)
     index = report.index
     latents = _latent_cache(cfg, data_cfg) if data_cfg.cache_latents != "none" else None
     text = data.TextEmbeddingCache(_identity(cfg, "text"), cfg.model.clip_skip) if _can_cache_text(cfg) else None
@@ -103,8 +108,33 @@ def _identity(cfg: Config, part: str) -> str:
 
 
 def _latent_cache(cfg: Config, data_cfg: DataConfig) -> data.LatentCache:
-    folder = data.default_cache_dir(data_cfg.path) / "latents" if data_cfg.cache_latents == "disk" else None
+    folder = latent_cache_folder(data_cfg.path) if data_cfg.cache_latents == "disk" else None
     return data.LatentCache(data_cfg.cache_latents, _identity(cfg, "vae"), folder)  # type: ignore[arg-type]
+
+
+def latent_cache_folder(data_path: str) -> Path:
+    """<data>/.loha-cache/latents, or where the data folder is read-only (Kaggle inputs, shares, read-only mounts)
+    a folder for this dataset under $LOHA_TRAIN_CACHE (default ~/.cache/loha-train); said in a warning."""
+    preferred = data.default_cache_dir(data_path) / "latents"
+    problem = write_problem(preferred)
+    if problem is None:
+        return preferred
+    digest = hashlib.sha256(str(Path(data_path).resolve()).encode()).hexdigest()[:16]
+    fallback = builtin.cache_dir() / "data" / digest / "latents"
+    if (fallback_problem := write_problem(fallback)) is not None:
+        raise data.DataError(
+            f"data.cache_latents is 'disk', but the default cache folder {preferred} {problem}, and the fallback "
+            f"{fallback} (under $LOHA_TRAIN_CACHE) {fallback_problem}. Set LOHA_TRAIN_CACHE to a writable folder, "
+            "or set data.cache_latents: memory (or none)."
+        )
+    logger.warning(
+        "the latent cache cannot go in the data folder (%s %s); it goes to %s instead (set LOHA_TRAIN_CACHE "
+        "to choose another place, or data.cache_latents: memory)",
+        preferred,
+        problem,
+        fallback,
+    )
+    return fallback
 
 
 def _fill_caches(
@@ -129,7 +159,8 @@ def _fill_caches(
             out = encode_captions(bundle.text_encoders, bundle.tokenizers, chunk, cfg.model.clip_skip)
             return {k: v.float().cpu() for k, v in out.items()}
 
-        text.prepare(captions, encode_text)
+        with counter("caching text embeddings", enabled=accelerator.is_main_process, unit="caption") as progress:
+            text.prepare(captions, encode_text, progress=progress)
 
 
 def _fill_latents(
@@ -149,7 +180,8 @@ def _fill_latents(
     if world > 1:
         distinct = list({latents.key(item, plan): (item, plan) for item, plan in entries}.values())
         mine = distinct[rank::world]
-        stats = latents.prepare(mine, encode)
+        with counter("caching latents", enabled=accelerator.is_main_process) as progress:
+            stats = latents.prepare(mine, encode, progress=progress)
         logger.info("latents (rank %d): %d encoded, %d reused from the cache", rank, stats.encoded, stats.reused)
         if latents.mode == "memory":
             from accelerate.utils import gather_object
@@ -157,5 +189,6 @@ def _fill_latents(
             for shard in gather_object([latents.export(mine)]):
                 latents.absorb(shard)
         accelerator.wait_for_everyone()
-    stats = latents.prepare(entries, encode)
+    with counter("caching latents", enabled=accelerator.is_main_process) as progress:
+        stats = latents.prepare(entries, encode, progress=progress)
     logger.info("latents: %d encoded, %d reused from the cache", stats.encoded, stats.reused)

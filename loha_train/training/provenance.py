@@ -34,9 +34,10 @@ def provenance(
             "fingerprint": pipeline.fingerprint,
             "tag_frequency": data.tag_frequencies(pipeline.index),
             "bucket_info": data.bucket_info(pipeline.index),
-            "dirs": {str(pipeline.data_cfg.path): len(pipeline.index.train)},
-            "num_train_images": len(pipeline.index.train),
-            "num_reg_images": len(pipeline.index.reg),
+            "dataset_dirs": data.dataset_dirs(pipeline.index.train),
+            "reg_dataset_dirs": data.dataset_dirs(pipeline.index.reg),
+            "num_train_images": data.images_times_repeats(pipeline.index.train),
+            "num_reg_images": data.images_times_repeats(pipeline.index.reg),
         },
         "plan": {
             "total_steps": plan.total_steps,

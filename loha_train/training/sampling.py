@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from torch import nn
 from loha_train.config import Config, SampleConfig, SamplePrompt
 from loha_train.models.bundle import ModelBundle
 from loha_train.training.metrics import MetricsLog, save_png
+from loha_train.training.progress import counter
 
 _SAMPLERS = {
     "euler": "EulerDiscreteScheduler",
@@ -36,7 +38,25 @@ class SampleModels:
     scheduler_config: Any
 
 
+@contextlib.contextmanager
+def _without_torchvision_notes() -> Iterator[None]:
+    """Building a diffusers pipeline imports the CLIP/SigLIP image processors of safety checkers and IP-adapters,
+    which we never use; without torchvision transformers warns about each. Keep those two lines off the console."""
+    notes = logging.getLogger("transformers.utils.import_utils")
+    level = notes.level
+    notes.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        notes.setLevel(level)
+
+
 def make_pipeline(models: SampleModels, sampler: str) -> Any:
+    with _without_torchvision_notes():
+        return _make_pipeline(models, sampler)
+
+
+def _make_pipeline(models: SampleModels, sampler: str) -> Any:
     import diffusers
 
     scheduler = getattr(diffusers, _SAMPLERS[sampler]).from_config(models.scheduler_config)
@@ -78,14 +98,21 @@ def _eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
 
 
 def generate(
-    models: SampleModels, cfg: SampleConfig, resolution: int, autocast: contextlib.AbstractContextManager | None = None
+    models: SampleModels,
+    cfg: SampleConfig,
+    resolution: int,
+    autocast: contextlib.AbstractContextManager | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[Image.Image]:
-    """One image per prompt, each from its own seeded generator, so the same step gives the same images."""
+    """One image per prompt, each from its own seeded generator, so the same step gives the same images.
+    `progress(done, total)` is called after each image."""
     pipe = make_pipeline(models, cfg.sampler)
     images = []
     with _eval_mode([models.unet, *models.text_encoders]), torch.no_grad(), autocast or contextlib.nullcontext():
         for i, prompt in enumerate(cfg.prompts):
             images.append(_one(pipe, prompt, cfg, resolution, default_seed=cfg.seed + i))
+            if progress is not None:
+                progress(i + 1, len(cfg.prompts))
     return images
 
 
@@ -136,7 +163,8 @@ def sample_now(cfg: Config, bundle: ModelBundle, accelerator: Any, log: MetricsL
             bundle.scheduler_config,
         )
         rng_state = torch.random.get_rng_state()
-        images = generate(models, cfg.sample, cfg.data.resolution, autocast=accelerator.autocast())
+        with counter(f"sampling at step {step}", unit="image", position=1) as progress:
+            images = generate(models, cfg.sample, cfg.data.resolution, accelerator.autocast(), progress)
         torch.random.set_rng_state(rng_state)
         grid_path = save_samples(images, folder, step)
         with Image.open(grid_path) as grid_image:
