@@ -140,11 +140,11 @@ def _cmd_train(argv: Sequence[str]) -> int:
     from loha_train.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # every config problem, before anything heavy loads
-    from loha_train.training.optim import check_optimizer_available
+    from loha_train.training.optim import check_optimizer
     from loha_train.training.recipe import train
     from loha_train.training.signals import Interrupted
 
-    check_optimizer_available(cfg.train.optimizer)
+    check_optimizer(cfg)  # a missing package or a wrong optimizer_args, before any model loads
     _keep_freed_memory()
     try:
         adapter = train(cfg, resume=args.resume, overwrite=args.overwrite, dry_run=args.dry_run)

@@ -17,6 +17,15 @@ from loha_train.config.yaml_io import dump_yaml, parse_yaml
 # README's config reference table, so keep each comment to one line a user can act on.
 
 Preset = Literal["attn-only", "attn-mlp", "full", "full-lin", "none"]
+# Optimizers that estimate their own step size and expect lr ~1.0 (D-Adaptation style, as kohya names them).
+ADAPTIVE_OPTIMIZERS = ("prodigy",)
+
+
+def default_lr(optimizer: str) -> float:
+    """`train.lr` when unset: 1.0 for the adaptive optimizers (their step is their estimate times lr), else 1e-4."""
+    return 1.0 if optimizer in ADAPTIVE_OPTIMIZERS else 1e-4
+
+
 Scheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
 
@@ -104,10 +113,11 @@ class TrainConfig:
     epochs: int | None = None  # passes over the (repeated) dataset
     batch_size: int = 1  # images per step per process
     gradient_accumulation: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-4  # learning rate for all adapters
+    lr: float | None = None  # learning rate for all adapters; default 1e-4, or 1.0 for prodigy (it scales its own step)
     unet_lr: float | None = None  # default: `lr`
     text_encoder_lr: float | None = None  # default: `lr`
     optimizer: Literal["adamw", "adamw8bit", "prodigy"] = "adamw"  # adamw8bit needs bitsandbytes, prodigy prodigyopt
+    optimizer_args: dict[str, Any] = field(default_factory=dict)  # extra optimizer arguments (prodigy: d_coef, …)
     weight_decay: float = 0.01  # decoupled weight decay
     adam_beta1: float = 0.9  # first-moment decay
     adam_beta2: float = 0.999  # second-moment decay
@@ -126,12 +136,17 @@ class TrainConfig:
     validation_every_steps: int | None = None  # validation loss interval (needs a validation set)
 
     @property
+    def effective_lr(self) -> float:
+        """`lr`, or its default: 1.0 for the adaptive optimizers (their step is their estimate times lr)."""
+        return default_lr(self.optimizer) if self.lr is None else self.lr
+
+    @property
     def effective_unet_lr(self) -> float:
-        return self.lr if self.unet_lr is None else self.unet_lr
+        return self.effective_lr if self.unet_lr is None else self.unet_lr
 
     @property
     def effective_text_encoder_lr(self) -> float:
-        return self.lr if self.text_encoder_lr is None else self.text_encoder_lr
+        return self.effective_lr if self.text_encoder_lr is None else self.text_encoder_lr
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from loha_train.training.checkpoint import TrainState
 from loha_train.training.data_pipeline import build_data
 from loha_train.training.guards import check_launch, check_output_folder, refuse_sharded_engines, start_over
 from loha_train.training.metrics import MetricsLog, loss_curve_png
+from loha_train.training.optim import lr_warnings
 from loha_train.training.plan import OutputPaths, Position, format_plan, make_plan
 from loha_train.training.provenance import provenance
 from loha_train.training.resume import load_resumed, resume_settings, start_position, warn_if_layout_changed
@@ -58,7 +59,8 @@ def train(
     if main and saved is not None:
         warn_if_layout_changed(saved, plan)
     if main:
-        echo(format_plan(cfg, plan, paths, model=bundle.describe(), adapters=network.report(), data=data.summary))
+        report = {"model": bundle.describe(), "adapters": network.report(), "data": data.summary}
+        echo(format_plan(cfg, plan, paths, **report, warnings=lr_warnings(cfg)))
     if dry_run:
         return None
 
