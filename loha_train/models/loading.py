@@ -154,6 +154,14 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _transformers_dtype_keyword() -> str:
+    """transformers >= 4.56 takes `dtype` (5.x warns on the old name); older releases only `torch_dtype`."""
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
 def _load_folder(
     root: Path, family: Family, dtype: torch.dtype
 ) -> tuple[UNet2DConditionModel, AutoencoderKL, list[TextEncoder], dict[str, Any]]:
@@ -162,10 +170,11 @@ def _load_folder(
 
     unet = _from_pretrained(UNet2DConditionModel, root, "unet", torch_dtype=dtype)
     vae = _from_pretrained(AutoencoderKL, root, "vae", torch_dtype=dtype)
+    te_dtype = {_transformers_dtype_keyword(): dtype}
     with _quiet_transformers():
-        encoders = [_from_pretrained(CLIPTextModel, root, "text_encoder", dtype=dtype)]
+        encoders = [_from_pretrained(CLIPTextModel, root, "text_encoder", **te_dtype)]
         if family == "sdxl":
-            encoders.append(_from_pretrained(CLIPTextModelWithProjection, root, "text_encoder_2", dtype=dtype))
+            encoders.append(_from_pretrained(CLIPTextModelWithProjection, root, "text_encoder_2", **te_dtype))
     scheduler = read_json(root / "scheduler" / "scheduler_config.json", "the scheduler's config")
     return unet, vae, encoders, scheduler
 

@@ -70,7 +70,17 @@ def _enable_gradient_checkpointing(bundle: ModelBundle, cfg: Config) -> None:
     bundle.unet.enable_gradient_checkpointing()
     if cfg.network.train_text_encoder:
         for te in bundle.text_encoders:
-            te.gradient_checkpointing_enable()
+            enable_text_encoder_checkpointing(te)
+
+
+def enable_text_encoder_checkpointing(te: Any) -> None:
+    """Non-reentrant checkpointing: transformers 4.x defaults to reentrant checkpointing, which gives the adapters
+    inside a frozen encoder no gradient (its inputs, token ids, never require grad); non-reentrant does."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(te, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it (the old name warns)
+        te.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        te.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _through_wrappers(bundle: ModelBundle, raw: list[Any], prepared: list[Any]) -> ModelBundle:
