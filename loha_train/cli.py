@@ -98,7 +98,12 @@ def _cmd_merge(argv: Sequence[str]) -> int:
     parser.add_argument("--adapter", required=True, metavar="FILE", help="the LoHa .safetensors file")
     parser.add_argument("--out", required=True, metavar="PATH", help="output folder, or a .safetensors file")
     parser.add_argument("--multiplier", type=float, default=1.0, help="strength, as <lora:name:M> (default 1.0)")
-    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="saved dtype (default fp32)")
+    parser.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        default=None,
+        help="saved dtype (default fp32; a single-file base keeps each tensor's own dtype)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     from loha_train.fileformat.merge import merge_adapter
