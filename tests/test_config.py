@@ -237,6 +237,8 @@ RANGE_ERRORS = [
     ({"train.adam_beta2": 1.5}, "train.adam_beta2", "must be in [0, 1)"),
     ({"train.adam_eps": 0}, "train.adam_eps", "must be > 0"),
     ({"train.warmup_steps": -1}, "train.warmup_steps", "must be >= 0"),
+    ({"train.lr_scheduler_num_cycles": 0}, "train.lr_scheduler_num_cycles", "must be >= 1"),
+    ({"train.lr_scheduler_power": 0}, "train.lr_scheduler_power", "must be > 0"),
     ({"train.max_grad_norm": -1}, "train.max_grad_norm", "must be >= 0"),
     ({"train.seed": -1}, "train.seed", "must be >= 0"),
     ({"train.noise_offset": -0.1}, "train.noise_offset", "must be >= 0"),

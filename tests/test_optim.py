@@ -82,3 +82,44 @@ def test_adaptive_optimizer_with_small_lr_is_warned_about(tmp_path: Path) -> Non
     assert "1e-4" in warning.replace("0.0001", "1e-4") and "1.0" in warning
     (warning,) = lr_warnings(config(tmp_path, optimizer="prodigy", text_encoder_lr=0.05))
     assert "text encoder 0.05" in warning
+
+
+def lr_curve(scheduler: Any, steps: int) -> list[float]:
+    out = []
+    for _ in range(steps):
+        out.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "sets"),
+    [
+        ("cosine_with_restarts", {"lr_scheduler_num_cycles": 3}),
+        ("polynomial", {"lr_scheduler_power": 2.0}),
+        ("polynomial", {"lr_scheduler_power": 0.5}),
+        ("cosine", {"lr_scheduler_num_cycles": 3}),  # cosine has no cycles: it stays cosine
+    ],
+)
+def test_scheduler_options_shape_the_schedule_as_diffusers_does(tmp_path: Path, name: str, sets: dict) -> None:
+    from diffusers.optimization import get_scheduler
+
+    from loha_train.training.optim import build_optimizer
+
+    class OneTensor:  # the part of LoHaNetwork build_optimizer reads
+        def parameters(self, component: str) -> list[torch.nn.Parameter]:
+            return [torch.nn.Parameter(torch.zeros(2))] if component == "unet" else []
+
+    steps = 40
+    cfg = config(tmp_path, scheduler=name, warmup_steps=5, lr=1e-3, **sets)
+    _, ours = build_optimizer(cfg, OneTensor(), steps)  # type: ignore[arg-type]
+    reference_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    kwargs = {"num_cycles": sets.get("lr_scheduler_num_cycles", 1), "power": sets.get("lr_scheduler_power", 1.0)}
+    reference = get_scheduler(name, reference_opt, num_warmup_steps=5, num_training_steps=steps, **kwargs)
+    got, want = lr_curve(ours, steps), lr_curve(reference, steps)
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-15)
+    if name != "cosine":  # the option changes the curve: without it the schedule would be another
+        plain_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+        plain = get_scheduler(name, plain_opt, num_warmup_steps=5, num_training_steps=steps)
+        assert got != pytest.approx(lr_curve(plain, steps))

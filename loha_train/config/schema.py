@@ -38,8 +38,10 @@ class ModelConfig:
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"  # auto: read from scheduler config
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # precision of the frozen weights
     vae_path: str | None = None  # optional separate VAE (diffusers folder or single file)
+    vae_dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp32 if the VAE config says force_upcast
     tokenizer_path: str | None = None  # tokenizer folder (or diffusers model folder) for single-file checkpoints
     clip_skip: int = 1  # use the output of the N-th last text-encoder layer (2 for anime models)
+    max_token_length: Literal[75, 150, 225] = 75  # caption tokens encoded (kohya's): 150/225 in 75-token chunks
     zero_terminal_snr: bool = False  # rescale the noise schedule to zero terminal SNR (use with v_prediction)
 
 
@@ -55,7 +57,8 @@ class NetworkConfig:
     conv_rank: int | None = None  # rank for k x k convs; default: `rank`
     conv_alpha: float | None = None  # alpha for k x k convs; default: `alpha`
     use_cp: bool = True  # CP-decompose k x k convs (LyCORIS use_tucker, PEFT use_effective_conv2d)
-    rank_dropout: float = 0.0  # probability of dropping an output row of the delta (rescaled), training only
+    rank_dropout: float = 0.0  # probability of dropping an output row of the delta, training only
+    rank_dropout_scale: bool = False  # LyCORIS's: divide kept rows by the kept fraction (off, its default: no rescale)
     module_dropout: float = 0.0  # probability of skipping a module's adapter for a step, training only
     rank_pattern: dict[str, int] = field(default_factory=dict)  # regex -> rank, first match wins
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # regex -> alpha, first match wins
@@ -124,6 +127,8 @@ class TrainConfig:
     adam_eps: float = 1e-8  # denominator epsilon
     scheduler: Scheduler = "constant"  # learning-rate schedule
     warmup_steps: int = 0  # linear warm-up steps
+    lr_scheduler_num_cycles: int = 1  # cosine_with_restarts: hard restarts over the run (kohya's name)
+    lr_scheduler_power: float = 1.0  # polynomial: the decay's power (1 = linear; kohya's name)
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast precision (GPU)
     gradient_checkpointing: bool = False  # trade compute for activation memory

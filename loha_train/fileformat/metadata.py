@@ -129,7 +129,7 @@ def _kohya(
         "dropout": "0.0",
         "rank_dropout": str(float(net["rank_dropout"])),
         "module_dropout": str(float(net["module_dropout"])),
-        "rank_dropout_scale": "True",  # our rank dropout always rescales kept rows by 1 / (1 - p)
+        "rank_dropout_scale": str(bool(net.get("rank_dropout_scale", False))),
     }
     side = int(data["resolution"])
     lr = train["lr"] if train.get("lr") is not None else default_lr(train["optimizer"])

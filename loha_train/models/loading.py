@@ -61,6 +61,8 @@ def load_models(cfg: ModelConfig, *, dtype: torch.dtype | None = None, with_toke
         tokenizer_root = resolve_model_path(tokenizer_path) if tokenizer_path else info.path
     if cfg.vae_path:
         vae = _load_vae(cfg.vae_path, dict(vae.config) if vae is not None else REFERENCE[info.family]["vae"], dtype)
+    if vae is not None and vae.dtype != (wanted := vae_dtype(cfg, vae.config, dtype)):
+        vae.to(wanted)
     tokenizers = _load_tokenizers(tokenizer_root, info.family) if with_tokenizers else []
     for tokenizer, encoder in zip(tokenizers, encoders, strict=False):
         if len(tokenizer) > encoder.config.vocab_size:
@@ -152,6 +154,14 @@ def _quiet_transformers() -> Iterator[None]:
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+def vae_dtype(cfg: ModelConfig, vae_config: Any, dtype: torch.dtype) -> torch.dtype:
+    """model.vae_dtype, or for auto: float32 when the VAE's config sets force_upcast (diffusers' default, and SDXL's
+    VAE, known to overflow to NaN in fp16), else the frozen weights' dtype (e.g. the fp16-fix VAEs)."""
+    if cfg.vae_dtype != "auto":
+        return DTYPES[cfg.vae_dtype]
+    return torch.float32 if getattr(vae_config, "force_upcast", True) else dtype
 
 
 def _transformers_dtype_keyword() -> str:

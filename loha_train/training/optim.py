@@ -37,7 +37,14 @@ def build_optimizer(cfg: Config, network: LoHaNetwork, total_steps: int) -> tupl
         {"params": params, "lr": lr} for component, lr in lrs.items() if (params := list(network.parameters(component)))
     ]
     optimizer = make_optimizer(t.optimizer, groups, cfg)
-    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps)
+    scheduler = get_scheduler(
+        t.scheduler,
+        optimizer,
+        num_warmup_steps=t.warmup_steps,
+        num_training_steps=total_steps,
+        num_cycles=t.lr_scheduler_num_cycles,  # get_scheduler reads it for cosine_with_restarts only
+        power=t.lr_scheduler_power,  # and this for polynomial only
+    )
     return optimizer, scheduler
 
 

@@ -130,6 +130,7 @@ def format_plan(
     adapters: dict[str, dict[str, int]],
     data: str,
     warnings: Sequence[str] = (),
+    notes: Sequence[str] = (),
 ) -> str:
     """The `--dry-run` report (also printed at the start of a run).
 
@@ -160,7 +161,7 @@ def format_plan(
         + (f" every {t.save_every_steps} steps" if t.save_every_steps else " (at the end and on interrupt)"),
         f"              samples in {paths.samples}, TensorBoard logs in {paths.logs}",
     ]
-    lines += [f"  note        {n}" for n in plan.notes]
+    lines += [f"  note        {n}" for n in (*plan.notes, *notes)]
     return "\n".join(lines)
 
 

@@ -20,7 +20,13 @@ from loha_train.training.plan import OutputPaths, Position, format_plan, make_pl
 from loha_train.training.provenance import provenance
 from loha_train.training.resume import load_resumed, resume_settings, start_position, warn_if_layout_changed
 from loha_train.training.session import Session
-from loha_train.training.setup import build_network, may_leave_adapters_unused, prepare_for_training, to_device
+from loha_train.training.setup import (
+    build_network,
+    init_from_notes,
+    may_leave_adapters_unused,
+    prepare_for_training,
+    to_device,
+)
 from loha_train.training.signals import Interrupted, StopFlag, agreed_signal
 
 
@@ -60,7 +66,8 @@ def train(
         warn_if_layout_changed(saved, plan)
     if main:
         report = {"model": bundle.describe(), "adapters": network.report(), "data": data.summary}
-        echo(format_plan(cfg, plan, paths, **report, warnings=lr_warnings(cfg)))
+        notes = (*data.notes, *init_from_notes(cfg, network))
+        echo(format_plan(cfg, plan, paths, **report, warnings=lr_warnings(cfg), notes=notes))
     if dry_run:
         return None
 
