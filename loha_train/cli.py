@@ -100,7 +100,12 @@ def _cmd_merge(argv: Sequence[str]) -> int:
     parser.add_argument("--adapter", required=True, metavar="FILE", help="the LoHa .safetensors file")
     parser.add_argument("--out", required=True, metavar="PATH", help="output folder, or a .safetensors file")
     parser.add_argument("--multiplier", type=float, default=1.0, help="strength, as <lora:name:M> (default 1.0)")
-    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="saved dtype (default fp32)")
+    parser.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        default=None,
+        help="saved dtype (default fp32; a single-file base keeps each tensor's own dtype)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     from loha_train.fileformat.merge import merge_adapter
@@ -142,11 +147,11 @@ def _cmd_train(argv: Sequence[str]) -> int:
     from loha_train.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # every config problem, before anything heavy loads
-    from loha_train.training.optim import check_optimizer_available
+    from loha_train.training.optim import check_optimizer
     from loha_train.training.recipe import train
     from loha_train.training.signals import Interrupted
 
-    check_optimizer_available(cfg.train.optimizer)
+    check_optimizer(cfg)  # a missing package or a wrong optimizer_args, before any model loads
     _keep_freed_memory()
     try:
         adapter = train(cfg, resume=args.resume, overwrite=args.overwrite, dry_run=args.dry_run)

@@ -281,7 +281,13 @@ def _to_str(value: Any) -> Any:
     return _Wrong("a string", " (quote it to make it a string)" if isinstance(value, int | float) else "")
 
 
-_SCALARS: dict[Any, Callable[[Any], Any]] = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+_SCALARS: dict[Any, Callable[[Any], Any]] = {
+    bool: _to_bool,
+    int: _to_int,
+    float: _to_float,
+    str: _to_str,
+    Any: lambda value: value,  # passed through (e.g. optimizer arguments, checked by the optimizer's signature)
+}
 _NAMES = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers")}
 
 
@@ -299,6 +305,8 @@ def describe(tp: Any, plural: bool = False) -> str:
         return "mappings" if plural else "a mapping"
     if tp is str:
         return "strings" if plural else "a string"
+    if tp is Any:
+        return "values" if plural else "a value"
     singular, many = _NAMES.get(tp, (getattr(tp, "__name__", str(tp)), str(tp)))
     return many if plural else singular
 

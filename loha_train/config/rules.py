@@ -80,6 +80,8 @@ FIELD_RULES: dict[str, FieldRule] = {
     "train.adam_beta2": _FRACTION,
     "train.adam_eps": _POSITIVE,
     "train.warmup_steps": _NON_NEGATIVE,
+    "train.lr_scheduler_num_cycles": _AT_LEAST_1,
+    "train.lr_scheduler_power": _POSITIVE,
     "train.max_grad_norm": _NON_NEGATIVE,
     "train.seed": _NON_NEGATIVE,
     "train.noise_offset": _NON_NEGATIVE,

@@ -125,9 +125,9 @@ def _check_one(item: ImageItem, cfg: DataConfig, buckets: tuple[Bucket, ...]) ->
         )
     if cfg.bucketing and assign_bucket(size, cfg, buckets) is None:
         return problem(
-            f"{size[0]}x{size[1]} is too small: with data.bucket_no_upscale its short side must be at least "
-            f"{smallest_usable_side(cfg)} px (data.bucket_min_side={cfg.bucket_min_side}). Use a larger "
-            "image, lower data.bucket_min_side, or set data.bucket_no_upscale: false to upscale it"
+            f"{size[0]}x{size[1]} is too small to train on: with data.bucket_no_upscale its short side must be at "
+            f"least {smallest_usable_side(cfg)} px (smaller images than data.bucket_min_side={cfg.bucket_min_side} "
+            "get their own smaller bucket). Use a larger image, or set data.bucket_no_upscale: false to upscale it"
         )
     return checked, None
 

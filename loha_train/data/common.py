@@ -12,6 +12,14 @@ import numpy as np
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
+def non_finite_latents(where: str) -> DataError:
+    """The error for an image the VAE turned into NaN/inf latents (`where` names it)."""
+    return DataError(
+        f"{where}: the VAE encoded this image to non-finite latents (NaN or inf), which would poison training; "
+        "encode in float32 (model.vae_dtype: fp32), or check the image and the VAE"
+    )
+
+
 class DataError(Exception):
     """A dataset problem the user must fix: the message names the file(s) and what is wrong."""
 

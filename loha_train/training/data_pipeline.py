@@ -18,7 +18,7 @@ from loha_train.config.fs import write_problem
 from loha_train.models import builtin
 from loha_train.models.bundle import ModelBundle
 from loha_train.models.detect import model_hash
-from loha_train.models.encode import encode_captions, vae_encode
+from loha_train.models.encode import encode_captions, token_counts, vae_encode
 from loha_train.training.progress import counter
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ class DataPipeline:
     problems: int  # bad files skipped (data.skip_bad_images)
     summary: str
     fingerprint: dict[str, Any]  # data.dataset_fingerprint of the checked index
+    notes: tuple[str, ...] = ()  # plan lines about the data (captions longer than model.max_token_length)
 
 
 def resolve_data_config(cfg: DataConfig) -> DataConfig:
@@ -57,8 +58,9 @@ def build_data(cfg: Config, bundle: ModelBundle, accelerator: Any, *, encode: bo
     with counter("checking images", enabled=accelerator.is_main_process) as progress:
         report = data.check_images(index, skip_bad=data_cfg.skip_bad_images, progress=progress)
     index = report.index
-    latents = _latent_cache(cfg, data_cfg) if data_cfg.cache_latents != "none" else None
-    text = data.TextEmbeddingCache(_identity(cfg, "text"), cfg.model.clip_skip) if _can_cache_text(cfg) else None
+    latents = _latent_cache(cfg, data_cfg, bundle) if data_cfg.cache_latents != "none" else None
+    text_id = f"{_identity(cfg, 'text')}|tokens {cfg.model.max_token_length}"
+    text = data.TextEmbeddingCache(text_id, cfg.model.clip_skip) if _can_cache_text(cfg) else None
     train_items = index.train + index.reg
     dataset = data.ImageDataset(train_items, data_cfg, seed, latents=latents, text=text)
     validation = (
@@ -87,12 +89,40 @@ def build_data(cfg: Config, bundle: ModelBundle, accelerator: Any, *, encode: bo
         f"{len(index.train)} images ({index.layout} layout), {len(index.reg)} regularization, "
         f"{len(index.validation)} validation; {len(set(dataset.buckets))} bucket(s); "
         f"{sampler.samples_per_epoch} samples per epoch"
+        + _small_images(dataset, data_cfg)
         + (f"; {len(report.problems)} bad file(s) skipped" if report.problems else "")
     )
     fingerprint = data.dataset_fingerprint(index)
+    notes = caption_notes(cfg, bundle, [item.caption for item in train_items], list_longest=not encode)
     return DataPipeline(
-        index, data_cfg, dataset, sampler, loader, validation, len(report.problems), summary, fingerprint
+        index, data_cfg, dataset, sampler, loader, validation, len(report.problems), summary, fingerprint, notes
     )
+
+
+def caption_notes(cfg: Config, bundle: ModelBundle, captions: list[str], *, list_longest: bool) -> tuple[str, ...]:
+    """One line counting the captions model.max_token_length cuts (said once, not per step), and for a dry run
+    the three longest captions with their token counts."""
+    if not captions or not bundle.tokenizers:
+        return ()
+    counts = token_counts(bundle.tokenizers[0], captions)
+    limit = cfg.model.max_token_length
+    cut = sum(n > limit for n in counts)
+    notes = []
+    if cut:
+        notes.append(
+            f"{cut} of {len(captions)} captions are longer than {limit} tokens and are truncated (longest "
+            f"{max(counts)}); model.max_token_length: 150 or 225 keeps more, as kohya's max_token_length does"
+        )
+    if list_longest:
+        longest = sorted(zip(counts, captions, strict=True), reverse=True)[:3]
+        notes += [f"longest caption: {n} tokens: {caption[:80]!r}" for n, caption in longest]
+    return tuple(notes)
+
+
+def _small_images(dataset: data.ImageDataset, cfg: DataConfig) -> str:
+    """How many images bucket_no_upscale put in their own bucket below bucket_min_side (kohya does the same)."""
+    small = sum(1 for bucket in dataset.buckets if min(bucket) < cfg.bucket_min_side) if cfg.bucketing else 0
+    return f"; {small} image(s) smaller than data.bucket_min_side in their own smaller bucket" if small else ""
 
 
 def _can_cache_text(cfg: Config) -> bool:
@@ -107,9 +137,15 @@ def _identity(cfg: Config, part: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
-def _latent_cache(cfg: Config, data_cfg: DataConfig) -> data.LatentCache:
+def latent_identity(cfg: Config, bundle: ModelBundle) -> str:
+    """What makes a VAE's latents what they are, beyond the image and its crop (which LatentCache keys itself):
+    the VAE's weights, the dtype it encodes in, and the encoding (the distribution's mode)."""
+    return f"{_identity(cfg, 'vae')}|{str(bundle.vae.dtype).removeprefix('torch.')}|mode"
+
+
+def _latent_cache(cfg: Config, data_cfg: DataConfig, bundle: ModelBundle) -> data.LatentCache:
     folder = latent_cache_folder(data_cfg.path) if data_cfg.cache_latents == "disk" else None
-    return data.LatentCache(data_cfg.cache_latents, _identity(cfg, "vae"), folder)  # type: ignore[arg-type]
+    return data.LatentCache(data_cfg.cache_latents, latent_identity(cfg, bundle), folder)  # type: ignore[arg-type]
 
 
 def latent_cache_folder(data_path: str) -> Path:
@@ -156,7 +192,9 @@ def _fill_caches(
         captions = data.fixed_captions(index.train + index.reg + index.validation, data_cfg)
 
         def encode_text(chunk: list[str]) -> dict[str, torch.Tensor]:
-            out = encode_captions(bundle.text_encoders, bundle.tokenizers, chunk, cfg.model.clip_skip)
+            out = encode_captions(
+                bundle.text_encoders, bundle.tokenizers, chunk, cfg.model.clip_skip, cfg.model.max_token_length
+            )
             return {k: v.float().cpu() for k, v in out.items()}
 
         with counter("caching text embeddings", enabled=accelerator.is_main_process, unit="caption") as progress:

@@ -16,6 +16,7 @@ from loha_train.models.bundle import ModelBundle
 from loha_train.models.detect import model_hash
 from loha_train.training.data_pipeline import DataPipeline
 from loha_train.training.plan import RunPlan
+from loha_train.training.setup import used_alpha
 
 
 def provenance(
@@ -23,8 +24,11 @@ def provenance(
 ) -> Callable[[dict[str, Any]], dict[str, str]]:
     """A function of the run's progress that returns the adapter file's metadata (kohya, modelspec, ours)."""
     started = time.time()
+    config = config_to_dict(cfg)
+    if cfg.network.init_from:  # the file's alphas were loaded: record what the adapters use, not the config's
+        config["network"]["alpha"] = used_alpha(network)
     fixed = {
-        "config": config_to_dict(cfg),
+        "config": config,
         "network": network,
         "family": bundle.family,
         "prediction_type": bundle.prediction_type,

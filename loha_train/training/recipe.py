@@ -16,12 +16,19 @@ from loha_train.training.checkpoint import TrainState
 from loha_train.training.data_pipeline import build_data
 from loha_train.training.guards import check_launch, check_output_folder, refuse_sharded_engines, start_over
 from loha_train.training.metrics import MetricsLog
+from loha_train.training.optim import lr_warnings
 from loha_train.training.plan import OutputPaths, Position, format_plan, make_plan
 from loha_train.training.progress import paused
 from loha_train.training.provenance import provenance
 from loha_train.training.resume import load_resumed, resume_settings, start_position, warn_if_layout_changed
 from loha_train.training.session import Session
-from loha_train.training.setup import build_network, may_leave_adapters_unused, prepare_for_training, to_device
+from loha_train.training.setup import (
+    build_network,
+    init_from_notes,
+    may_leave_adapters_unused,
+    prepare_for_training,
+    to_device,
+)
 from loha_train.training.signals import Interrupted, StopFlag, agreed_signal
 
 
@@ -60,7 +67,9 @@ def train(
     if main and saved is not None:
         warn_if_layout_changed(saved, plan)
     if main:
-        echo(format_plan(cfg, plan, paths, model=bundle.describe(), adapters=network.report(), data=data.summary))
+        report = {"model": bundle.describe(), "adapters": network.report(), "data": data.summary}
+        notes = (*data.notes, *init_from_notes(cfg, network))
+        echo(format_plan(cfg, plan, paths, **report, warnings=lr_warnings(cfg), notes=notes))
     if dry_run:
         return None
 
