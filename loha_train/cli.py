@@ -13,9 +13,11 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 
 USAGE = """\
-usage: loha-train CONFIG.yaml [options]                 train (see loha-train CONFIG.yaml --help)
+usage: loha-train [train] CONFIG.yaml [options]         train (see loha-train CONFIG.yaml --help)
        loha-train inspect FILE [--base MODEL] [--json]   show a LoHa file; with --base, check it loads
        loha-train merge --base MODEL --adapter FILE --out PATH [--multiplier M] [--precision P] [--overwrite]
+
+       loha-train --version
 
 MODEL is a diffusers folder, a single-file .safetensors/.ckpt, or builtin:tiny-sd.
 Exit status: 0 success, 1 a check failed (inspect --base) or the disk is full, 2 a usage or input error,
@@ -98,7 +100,12 @@ def _cmd_merge(argv: Sequence[str]) -> int:
     parser.add_argument("--adapter", required=True, metavar="FILE", help="the LoHa .safetensors file")
     parser.add_argument("--out", required=True, metavar="PATH", help="output folder, or a .safetensors file")
     parser.add_argument("--multiplier", type=float, default=1.0, help="strength, as <lora:name:M> (default 1.0)")
-    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="saved dtype (default fp32)")
+    parser.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        default=None,
+        help="saved dtype (default fp32; a single-file base keeps each tensor's own dtype)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = parser.parse_args(argv)
     from loha_train.fileformat.merge import merge_adapter
@@ -140,11 +147,11 @@ def _cmd_train(argv: Sequence[str]) -> int:
     from loha_train.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # every config problem, before anything heavy loads
-    from loha_train.training.optim import check_optimizer_available
+    from loha_train.training.optim import check_optimizer
     from loha_train.training.recipe import train
     from loha_train.training.signals import Interrupted
 
-    check_optimizer_available(cfg.train.optimizer)
+    check_optimizer(cfg)  # a missing package or a wrong optimizer_args, before any model loads
     _keep_freed_memory()
     try:
         adapter = train(cfg, resume=args.resume, overwrite=args.overwrite, dry_run=args.dry_run)
@@ -219,7 +226,11 @@ def argv_for_resume(argv: Sequence[str]) -> list[str]:
     return out
 
 
-SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {"inspect": _cmd_inspect, "merge": _cmd_merge}
+SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "train": _cmd_train,  # `loha-train train CONFIG.yaml`, as other trainers spell it; the same as without it
+    "inspect": _cmd_inspect,
+    "merge": _cmd_merge,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -228,9 +239,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE, file=sys.stdout if args else sys.stderr)
         return 0 if args else 2
+    if args[0] in ("--version", "-V"):
+        from loha_train import __version__
+
+        print(f"loha-train {__version__}")
+        return 0
     # under a multi-process launch the other ranks would repeat rank 0's warnings; they still report errors
     level = logging.WARNING if _rank() == 0 else logging.ERROR
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s: %(message)s")
+    if _rank() == 0:
+        logging.getLogger("loha_train.models.builtin").setLevel(logging.INFO)  # say that first use builds assets
     command = SUBCOMMANDS.get(args[0])
     try:
         if command is None:

@@ -120,7 +120,7 @@ sample:
 """,
     )
     cfg = load_config(path)
-    assert cfg.train.lr == 1e-4 and cfg.train.unet_lr == 5e-5
+    assert cfg.train.effective_lr == 1e-4 and cfg.train.unet_lr == 5e-5
     assert cfg.train.mixed_precision == "no"
     assert cfg.train.seed == 10
     assert cfg.data.caption_separator == "=" and cfg.data.trigger_word == "2024-01-01"
@@ -166,7 +166,7 @@ TYPE_ERRORS = [
     ({"network.rank": 8.0}, "network.rank", "write 8"),
     ({"network.rank": True}, "network.rank", "must be an integer, got true"),
     ({"train.lr": True}, "train.lr", "must be a number"),
-    ({"train.lr": "fast"}, "train.lr", "must be a number, got 'fast'"),
+    ({"train.lr": "fast"}, "train.lr", "must be a number or null, got 'fast'"),
     ({"train.lr": float("inf")}, "train.lr", "finite"),
     ({"train.lr": "nan"}, "train.lr", "finite"),
     ({"data.flip": "yes"}, "data.flip", "must be true or false, got 'yes'"),
@@ -221,6 +221,7 @@ RANGE_ERRORS = [
     ({"data.bucket_min_side": 100}, "data.bucket_min_side", "multiple of 8"),
     ({"data.bucket_max_side": -8}, "data.bucket_max_side", "positive multiple of 8"),
     ({"data.bucket_step": 60}, "data.bucket_step", "multiple of 8"),
+    ({"data.max_aspect_ratio": 0.5}, "data.max_aspect_ratio", "must be >= 1, got 0.5"),
     ({"data.reg_repeats": 0}, "data.reg_repeats", "must be >= 1"),
     ({"data.prior_loss_weight": -1}, "data.prior_loss_weight", "must be >= 0"),
     ({"data.num_workers": -1}, "data.num_workers", "must be >= 0"),
@@ -237,6 +238,8 @@ RANGE_ERRORS = [
     ({"train.adam_beta2": 1.5}, "train.adam_beta2", "must be in [0, 1)"),
     ({"train.adam_eps": 0}, "train.adam_eps", "must be > 0"),
     ({"train.warmup_steps": -1}, "train.warmup_steps", "must be >= 0"),
+    ({"train.lr_scheduler_num_cycles": 0}, "train.lr_scheduler_num_cycles", "must be >= 1"),
+    ({"train.lr_scheduler_power": 0}, "train.lr_scheduler_power", "must be > 0"),
     ({"train.max_grad_norm": -1}, "train.max_grad_norm", "must be >= 0"),
     ({"train.seed": -1}, "train.seed", "must be >= 0"),
     ({"train.noise_offset": -0.1}, "train.noise_offset", "must be >= 0"),

@@ -391,7 +391,9 @@ def test_no_upscale_buckets():
     assert assign_bucket((2000, 1200), cfg, buckets) in buckets  # large: a regular bucket
     assert assign_bucket((300, 400), cfg, buckets) == (256, 384)  # small: own size, rounded down to step
     assert assign_bucket((500, 450), cfg, buckets) == (448, 448)  # too small for 512x512
-    assert assign_bucket((250, 600), cfg, buckets) is None  # short side below bucket_min_side
+    # kohya: below bucket_min_side an image gets its own bucket, its size rounded down to bucket_step
+    assert assign_bucket((250, 600), cfg, buckets) == (250 - 250 % 64, 600 - 600 % 64)
+    assert assign_bucket((63, 600), cfg, buckets) is None  # too small to train at all
     upscale = DataConfig(path=".", resolution=512, bucket_no_upscale=False)
     assert assign_bucket((300, 400), upscale, buckets) == (448, 576)
     assert assign_bucket((300, 400), DataConfig(path=".", bucketing=False), ()) == (512, 512)
@@ -436,3 +438,17 @@ def test_data_package_does_not_import_model_libraries():
             names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             for name in names:
                 assert name.split(".")[0] not in {"diffusers", "transformers", "accelerate"}, (source, name)
+
+
+def test_a_photo_smaller_than_the_sdxl_buckets_trains_in_its_own_bucket(tmp_path):
+    """kohya (bucket_no_upscale): a 500x700 photo in a 1024 px run gets a 448x640 bucket, not an error."""
+    from loha_train.data import ImageDataset
+    from loha_train.training.data_pipeline import _small_images
+
+    Image.new("RGB", (500, 700), "red").save(tmp_path / "photo.png")
+    Image.new("RGB", (1024, 1024), "blue").save(tmp_path / "big.png")
+    cfg = DataConfig(path=str(tmp_path), resolution=1024, bucket_min_side=512, bucket_max_side=2048)
+    index = check_images(scan_dataset(cfg), skip_bad=False).index
+    dataset = ImageDataset(index.train, cfg, seed=0)
+    assert sorted(dataset.buckets) == [(448, 640), (1024, 1024)]
+    assert "1 image(s) smaller than data.bucket_min_side in their own smaller bucket" in _small_images(dataset, cfg)

@@ -144,9 +144,14 @@ def test_init_gives_exactly_zero_delta_and_nonzero_gradients():
     assert w2a.grad.abs().sum() > 0  # the zero factor still learns
 
 
-def test_rank_dropout_mask_is_inverted_dropout():
+def test_rank_dropout_mask_is_lycoris():
+    """LyCORIS LohaModule: drop = (rand(out) > p); with rank_dropout_scale drop /= drop.mean(); else as it is."""
     torch.manual_seed(0)
     masks = torch.stack([LF.rank_dropout_scale(64, 0.25, "cpu") for _ in range(4000)])
-    assert masks.unique().tolist() == pytest.approx([0.0, 1 / 0.75])
-    assert masks.mean().item() == pytest.approx(1.0, abs=0.01)
+    assert masks.unique().tolist() == [0.0, 1.0]  # LyCORIS's default: no rescale
     assert (masks == 0).double().mean().item() == pytest.approx(0.25, abs=0.01)
+    torch.manual_seed(1)
+    scaled = LF.rank_dropout_scale(64, 0.25, "cpu", rescale=True)
+    torch.manual_seed(1)
+    drop = (torch.rand(64) > 0.25).float()
+    torch.testing.assert_close(scaled, drop / drop.mean())

@@ -232,3 +232,62 @@ def test_anything_but_a_subcommand_is_a_training_run(monkeypatch):
     monkeypatch.setattr(cli, "_cmd_train", lambda argv: seen.append(list(argv)) or 0)
     assert cli.main(["run.yaml", "--set", "train.max_steps=3"]) == 0
     assert seen == [["run.yaml", "--set", "train.max_steps=3"]]
+
+
+def test_merge_refuses_weights_that_come_out_non_finite(
+    adapter: Path, base: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from test_reliability import loha
+
+    out = tmp_path / "merged.safetensors"
+    args = ["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out)]
+    status, _, err = loha([*args, "--multiplier", "1e300"], capsys)  # a finite float that overflows fp32
+    assert status == 2 and "is NaN or infinite" in err and "Nothing was written" in err, err
+    status, _, err = loha([*args, "--multiplier", "1e7", "--precision", "fp16"], capsys)  # fits fp32, not fp16
+    assert status == 2 and "exceeds the largest torch.float16 value (65504)" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_into_a_single_file_base_keeps_every_tensor_and_the_metadata_it_does_not_patch(adapter, base, tmp_path):
+    """kohya merges into the checkpoint's own state dict: keys the diffusers layout drops (EMA, logit_scale, other
+    extras) and the base's metadata survive, and only the tensors ComfyUI would patch change."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from loha_train.models.single_file import save_single_file
+
+    bundle = load_models(ModelConfig(path=str(base)), with_tokenizers=False)
+    plain = save_single_file(bundle, tmp_path / "plain.safetensors")
+    original = load_file(plain)
+    extras = {
+        "model_ema.decay": torch.tensor(0.9999),
+        "model_ema.diffusion_modelinput_blocks00weight": torch.randn(4, 4, 3, 3),
+        "model_ema.num_updates": torch.tensor(12345, dtype=torch.int64),
+        "cond_stage_model.logit_scale": torch.tensor(4.6052),
+        "first_stage_model.quant_conv.bias.fp16": torch.randn(8).half(),
+    }
+    with safe_open(plain, framework="pt") as f:
+        base_meta = {**f.metadata(), "modelspec.title": "my base", "ss_extra": "kept"}
+    base_file = tmp_path / "base.safetensors"
+    save_file({**original, **extras}, base_file, metadata=base_meta)
+
+    out = tmp_path / "merged.safetensors"
+    args = ["merge", "--base", str(base_file), "--adapter", str(adapter), "--out", str(out), "--multiplier", "1.5"]
+    assert cli.main(args) == 0
+    merged = load_file(out)
+    with safe_open(out, framework="pt") as f:
+        assert f.metadata() == base_meta
+    assert set(merged) == set(original) | set(extras)
+
+    state, metadata = load_adapter(adapter)
+    spec = network_config_from_file(state, metadata)
+    model = ConsumerModel("sd1", {k: tuple(v.shape) for k, v in original.items()}, dict(bundle.unet.config))
+    comfy = check_comfyui({key: m.delta_shape for key, m in spec.modules.items()}, model)
+    assert comfy.unmatched == {}
+    for stem, (ldm_key, _) in comfy.targets.items():
+        expected = original[ldm_key] + 1.5 * _file_delta(state, stem, original[ldm_key].shape)
+        assert torch.allclose(merged[ldm_key], expected, atol=1e-6), stem
+    patched = {ldm_key for ldm_key, _ in comfy.targets.values()}
+    source = {**original, **extras}
+    for key in set(source) - patched:  # byte-identical: same dtype, same bits
+        assert merged[key].dtype == source[key].dtype and torch.equal(merged[key], source[key]), key

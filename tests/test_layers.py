@@ -140,11 +140,14 @@ def test_rank_dropout_statistics():
     base = layer.base(x)
     draws = torch.stack([layer(x) - base for _ in range(6000)])
     full = (_reference(layer, x) - base)[0]
-    # each output row is either dropped (exactly 0) or kept and rescaled by 1 / (1 - p)
+    # LyCORIS's default (rank_dropout_scale off): each output row is either dropped (exactly 0) or kept as it is
     kept = draws[:, 0, :] != 0
     assert kept.double().mean().item() == pytest.approx(0.7, abs=0.02)
-    torch.testing.assert_close(draws[:, 0, :][kept], (full / 0.7).expand_as(draws[:, 0, :])[kept])
-    # and the mean over draws equals the undropped delta
+    torch.testing.assert_close(draws[:, 0, :][kept], full.expand_as(draws[:, 0, :])[kept])
+    torch.testing.assert_close(draws.mean(0)[0], 0.7 * full, atol=0.05 * full.abs().max().item(), rtol=0)
+    # rank_dropout_scale: kept rows divided by the fraction kept in that draw, so the mean is the undropped delta
+    layer.rank_dropout_scale = True
+    draws = torch.stack([layer(x) - base for _ in range(6000)])
     torch.testing.assert_close(draws.mean(0)[0], full, atol=0.05 * full.abs().max().item(), rtol=0)
 
 

@@ -141,10 +141,7 @@ def test_the_checks_name_an_upward_import_and_a_circle() -> None:
 
 def test_every_module_says_its_job_and_stays_small() -> None:
     """Each module opens with a docstring; none grows past ~400 lines without a reason written here."""
-    reasons = {
-        # The folder layouts kohya and HF image folders use, each a few functions over the same walk.
-        "loha_train.data.scan": 420,
-    }
+    reasons: dict[str, int] = {}
     for path in sorted(PACKAGE.rglob("*.py")):
         name = module_name(path)
         tree = ast.parse(path.read_text(encoding="utf-8"))

@@ -4,6 +4,7 @@ The schema's public names are re-exported here, so callers write `from loha_trai
 """
 
 from loha_train.config.schema import (
+    ADAPTIVE_OPTIMIZERS,
     SCHEMA,
     Config,
     ConfigError,
@@ -18,12 +19,14 @@ from loha_train.config.schema import (
     apply_overrides,
     config_from_dict,
     config_to_dict,
+    default_lr,
     dump_config,
     load_config,
     resolved_prompts,
 )
 
 __all__ = [
+    "ADAPTIVE_OPTIMIZERS",
     "SCHEMA",
     "Config",
     "ConfigError",
@@ -38,6 +41,7 @@ __all__ = [
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
+    "default_lr",
     "dump_config",
     "load_config",
     "resolved_prompts",

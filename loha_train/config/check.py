@@ -15,6 +15,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from loha_train.config.errors import ConfigProblem
+from loha_train.config.kohya_names import kohya_hint
 from loha_train.config.yaml_io import load_value
 
 # A field rule looks at one converted value and returns what is wrong with it, or None.
@@ -120,6 +121,8 @@ class Builder:
         leaves = {k.rsplit(".", 1)[-1]: k for k in reversed(self._all_keys)}  # name -> its first full key
         if name in leaves:  # the right name in the wrong section: `train.resolution`
             return f"; did you mean {leaves[name]}?"
+        if (ours := kohya_hint(name)) is not None and ours in self._all_keys:
+            return f"; did you mean {ours}? (kohya's {name}; the README maps kohya's option names)"
         close = difflib.get_close_matches(name, siblings, n=1, cutoff=0.6)
         if close:
             return f"; did you mean {_join(prefix, close[0])}?"
@@ -278,7 +281,13 @@ def _to_str(value: Any) -> Any:
     return _Wrong("a string", " (quote it to make it a string)" if isinstance(value, int | float) else "")
 
 
-_SCALARS: dict[Any, Callable[[Any], Any]] = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+_SCALARS: dict[Any, Callable[[Any], Any]] = {
+    bool: _to_bool,
+    int: _to_int,
+    float: _to_float,
+    str: _to_str,
+    Any: lambda value: value,  # passed through (e.g. optimizer arguments, checked by the optimizer's signature)
+}
 _NAMES = {bool: ("true or false", "booleans"), int: ("an integer", "integers"), float: ("a number", "numbers")}
 
 
@@ -296,6 +305,8 @@ def describe(tp: Any, plural: bool = False) -> str:
         return "mappings" if plural else "a mapping"
     if tp is str:
         return "strings" if plural else "a string"
+    if tp is Any:
+        return "values" if plural else "a value"
     singular, many = _NAMES.get(tp, (getattr(tp, "__name__", str(tp)), str(tp)))
     return many if plural else singular
 

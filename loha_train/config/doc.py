@@ -82,6 +82,8 @@ def type_name(tp: Any) -> str:
         return f"map[{', '.join(type_name(a) for a in get_args(tp))}]"
     if is_dataclass(tp):
         return "str or mapping" if tp in SCHEMA.shorthands else "mapping"
+    if tp is Any:
+        return "any"
     return tp.__name__
 
 

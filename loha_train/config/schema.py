@@ -10,13 +10,23 @@ from typing import Any, Literal
 
 from loha_train.config.check import INVALID, Builder, Schema, to_plain
 from loha_train.config.errors import ConfigError, ConfigProblem
+from loha_train.config.fs import write_problem
 from loha_train.config.rules import FIELD_RULES, rule_problems
-from loha_train.config.yaml_io import dump_yaml, parse_yaml
+from loha_train.config.yaml_io import dump_yaml, parse_yaml, read_config_text
 
 # Every field's comment is its documentation: scripts/config_table.py turns these dataclasses into the
 # README's config reference table, so keep each comment to one line a user can act on.
 
 Preset = Literal["attn-only", "attn-mlp", "full", "full-lin", "none"]
+# Optimizers that estimate their own step size and expect lr ~1.0 (D-Adaptation style, as kohya names them).
+ADAPTIVE_OPTIMIZERS = ("prodigy",)
+
+
+def default_lr(optimizer: str) -> float:
+    """`train.lr` when unset: 1.0 for the adaptive optimizers (their step is their estimate times lr), else 1e-4."""
+    return 1.0 if optimizer in ADAPTIVE_OPTIMIZERS else 1e-4
+
+
 Scheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
 
@@ -29,8 +39,10 @@ class ModelConfig:
     prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto"  # auto: read from scheduler config
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # precision of the frozen weights
     vae_path: str | None = None  # optional separate VAE (diffusers folder or single file)
+    vae_dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp32 if the VAE config says force_upcast
     tokenizer_path: str | None = None  # tokenizer folder (or diffusers model folder) for single-file checkpoints
     clip_skip: int = 1  # use the output of the N-th last text-encoder layer (2 for anime models)
+    max_token_length: Literal[75, 150, 225] = 75  # caption tokens encoded (kohya's): 150/225 in 75-token chunks
     zero_terminal_snr: bool = False  # rescale the noise schedule to zero terminal SNR (use with v_prediction)
 
 
@@ -46,7 +58,8 @@ class NetworkConfig:
     conv_rank: int | None = None  # rank for k x k convs; default: `rank`
     conv_alpha: float | None = None  # alpha for k x k convs; default: `alpha`
     use_cp: bool = True  # CP-decompose k x k convs (LyCORIS use_tucker, PEFT use_effective_conv2d)
-    rank_dropout: float = 0.0  # probability of dropping an output row of the delta (rescaled), training only
+    rank_dropout: float = 0.0  # probability of dropping an output row of the delta, training only
+    rank_dropout_scale: bool = False  # LyCORIS's: divide kept rows by the kept fraction (off, its default: no rescale)
     module_dropout: float = 0.0  # probability of skipping a module's adapter for a step, training only
     rank_pattern: dict[str, int] = field(default_factory=dict)  # regex -> rank, first match wins
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # regex -> alpha, first match wins
@@ -85,6 +98,7 @@ class DataConfig:
     bucket_no_upscale: bool = True  # never upscale an image to reach a bucket
     random_crop: bool = False  # random instead of center crop (incompatible with latent caching)
     flip: bool = False  # random horizontal flip (incompatible with latent caching)
+    max_aspect_ratio: float = 8.0  # refuse images whose long side is over this times the short side
     reg_path: str | None = None  # regularization (class) images, DreamBooth style
     reg_repeats: int = 1  # repeats for regularization images
     prior_loss_weight: float = 1.0  # loss weight of regularization images
@@ -104,16 +118,19 @@ class TrainConfig:
     epochs: int | None = None  # passes over the (repeated) dataset
     batch_size: int = 1  # images per step per process
     gradient_accumulation: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-4  # learning rate for all adapters
+    lr: float | None = None  # learning rate for all adapters; default 1e-4, or 1.0 for prodigy (it scales its own step)
     unet_lr: float | None = None  # default: `lr`
     text_encoder_lr: float | None = None  # default: `lr`
     optimizer: Literal["adamw", "adamw8bit", "prodigy"] = "adamw"  # adamw8bit needs bitsandbytes, prodigy prodigyopt
+    optimizer_args: dict[str, Any] = field(default_factory=dict)  # extra optimizer arguments (prodigy: d_coef, …)
     weight_decay: float = 0.01  # decoupled weight decay
     adam_beta1: float = 0.9  # first-moment decay
     adam_beta2: float = 0.999  # second-moment decay
     adam_eps: float = 1e-8  # denominator epsilon
     scheduler: Scheduler = "constant"  # learning-rate schedule
     warmup_steps: int = 0  # linear warm-up steps
+    lr_scheduler_num_cycles: int = 1  # cosine_with_restarts: hard restarts over the run (kohya's name)
+    lr_scheduler_power: float = 1.0  # polynomial: the decay's power (1 = linear; kohya's name)
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast precision (GPU)
     gradient_checkpointing: bool = False  # trade compute for activation memory
@@ -127,12 +144,17 @@ class TrainConfig:
     validation_every_steps: int | None = None  # validation loss interval (needs a validation set)
 
     @property
+    def effective_lr(self) -> float:
+        """`lr`, or its default: 1.0 for the adaptive optimizers (their step is their estimate times lr)."""
+        return default_lr(self.optimizer) if self.lr is None else self.lr
+
+    @property
     def effective_unet_lr(self) -> float:
-        return self.lr if self.unet_lr is None else self.unet_lr
+        return self.effective_lr if self.unet_lr is None else self.unet_lr
 
     @property
     def effective_text_encoder_lr(self) -> float:
-        return self.lr if self.text_encoder_lr is None else self.text_encoder_lr
+        return self.effective_lr if self.text_encoder_lr is None else self.text_encoder_lr
 
 
 @dataclass(frozen=True)
@@ -244,8 +266,8 @@ def _path_problems(sections: Mapping[str, Any], raw: Mapping[str, Any]) -> Itera
             continue
         if key in _INPUT_PATHS and not os.path.exists(value):
             yield ConfigProblem(key, f"does not exist: {value}")
-        elif key in _OUTPUT_PATHS and os.path.isfile(value):
-            yield ConfigProblem(key, f"is a file, not a folder: {value}")
+        elif key in _OUTPUT_PATHS and (problem := write_problem(value)):
+            yield ConfigProblem(key, f"{problem}: {value}; choose a folder you can write to")
 
 
 def _path_value(section: Any, raw_section: Any, name: str) -> str | None:
@@ -266,11 +288,9 @@ def _path_value(section: Any, raw_section: Any, name: str) -> str | None:
 def load_config(path: str | Path, overrides: Sequence[str] = (), *, check_paths: bool = True) -> Config:
     """Read a YAML config, apply `--set dotted.key=value` overrides, check everything; raise ConfigError."""
     source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError([ConfigProblem("", f"cannot read the config file: {err.strerror}")], source) from None
-    return config_from_dict(parse_yaml(text, source), overrides, check_paths=check_paths, source=source)
+    return config_from_dict(
+        parse_yaml(read_config_text(Path(path)), source), overrides, check_paths=check_paths, source=source
+    )
 
 
 def config_from_dict(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -74,6 +75,23 @@ class _Dumper(yaml.SafeDumper):
     """Quotes every string that a YAML 1.1 or a YAML 1.2 reader would take for something else."""
 
     yaml_implicit_resolvers = _resolvers(yaml.SafeDumper.yaml_implicit_resolvers, set())
+
+
+def read_config_text(path: Path) -> str:
+    """The config file's text; unreadable or not UTF-8 is a ConfigError naming the byte and its offset."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError([ConfigProblem("", f"cannot read the config file: {err.strerror}")], str(path)) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        byte, line = data[err.start], data.count(b"\n", 0, err.start) + 1
+        message = (
+            f"the config file is not UTF-8: byte 0x{byte:02x} at offset {err.start} (line {line}) is not valid "
+            "UTF-8. Save it as UTF-8 (an editor's 'UTF-8' encoding; not 'ANSI', 'Latin-1' or 'UTF-16')."
+        )
+        raise ConfigError([ConfigProblem("", message)], str(path)) from None
 
 
 def parse_yaml(text: str, source: str = "<string>") -> Any:

@@ -32,7 +32,13 @@ from loha_train.data.common import DataError, Problem, derive_rng
 from loha_train.data.dataset import ImageDataset, collate, ignore_stop_signals, plan_crops
 from loha_train.data.sampler import BucketBatchSampler, SampleRef
 from loha_train.data.scan import DatasetIndex, ImageItem, scan_dataset, split_validation
-from loha_train.data.stats import bucket_info, dataset_fingerprint, tag_frequencies
+from loha_train.data.stats import (
+    bucket_info,
+    dataset_dirs,
+    dataset_fingerprint,
+    images_times_repeats,
+    tag_frequencies,
+)
 
 __all__ = [
     "Bucket",
@@ -55,11 +61,13 @@ __all__ = [
     "captions_vary",
     "check_images",
     "collate",
+    "dataset_dirs",
     "dataset_fingerprint",
     "default_cache_dir",
     "derive_rng",
     "fixed_captions",
     "ignore_stop_signals",
+    "images_times_repeats",
     "load_pixels",
     "plan_crop",
     "plan_crops",

@@ -12,6 +12,7 @@ from PIL import Image, ImageOps
 
 from loha_train.config import DataConfig
 from loha_train.data.common import DataError
+from loha_train.data.imaging import to_8bit
 
 Bucket = tuple[int, int]  # (width, height) in pixels, as in kohya's ss_bucket_info
 
@@ -67,8 +68,9 @@ def assign_bucket(size: tuple[int, int], cfg: DataConfig, buckets: tuple[Bucket,
     Bucketing off: resolution x resolution. Otherwise the bucket whose aspect ratio is closest in log
     space (so an image and its transpose get transposed buckets; ties go to the larger area). With
     bucket_no_upscale, an image too small to cover that bucket gets its own size instead: scaled down
-    to the area bound if needed, sides rounded down to bucket_step and capped at bucket_max_side; None
-    when a side would fall below bucket_min_side (the image could only be used by upscaling it).
+    to the area bound if needed, sides rounded down to bucket_step and capped at bucket_max_side, even below
+    bucket_min_side (kohya does the same); None only for an image too small to train at all
+    (smallest_usable_side).
     """
     if not cfg.bucketing:
         return (cfg.resolution, cfg.resolution)
@@ -93,12 +95,16 @@ def _own_size_bucket(size: tuple[int, int], cfg: DataConfig) -> Bucket | None:
         min(math.floor(width * scale + 1e-6) // step * step, high),
         min(math.floor(height * scale + 1e-6) // step * step, high),
     )
-    return bucket if min(bucket) >= cfg.bucket_min_side and min(bucket) > 0 else None
+    return bucket if min(bucket) >= smallest_usable_side(cfg) else None
+
+
+MIN_TRAINABLE_SIDE = 64  # px: below this an image is too small to train on without upscaling it
 
 
 def smallest_usable_side(cfg: DataConfig) -> int:
-    """The short side below which bucket_no_upscale cannot place an image (for error messages)."""
-    return math.ceil(cfg.bucket_min_side / cfg.bucket_step) * cfg.bucket_step
+    """The short side below which bucket_no_upscale cannot place an image: 64 px (bucket_min_side if that is
+    lower), rounded up to bucket_step."""
+    return math.ceil(min(cfg.bucket_min_side, MIN_TRAINABLE_SIDE) / cfg.bucket_step) * cfg.bucket_step
 
 
 def plan_crop(size: tuple[int, int], target: Bucket) -> CropPlan:
@@ -128,7 +134,7 @@ def randomize_plan(plan: CropPlan, random_crop: bool, flip: bool, rng: np.random
 def open_rgb(path: Path) -> Image.Image:
     """The image as the viewer shows it: EXIF orientation applied, transparency composited on white."""
     with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
+        image = to_8bit(ImageOps.exif_transpose(image))
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             rgba = image.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

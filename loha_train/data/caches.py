@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from loha_train.config import DataConfig
 from loha_train.data.buckets import CropPlan, load_pixels
 from loha_train.data.captions import captions_vary
-from loha_train.data.common import DataError, sha256_file
+from loha_train.data.common import DataError, non_finite_latents, sha256_file
 from loha_train.data.scan import ImageItem
 
 logger = logging.getLogger(__name__)
@@ -188,6 +188,8 @@ class LatentCache:
             raise ValueError(f"encode returned {latents.shape[0]} latents for {len(keys)} images")
         for key, latent in zip(keys, latents, strict=True):
             item, plan = todo[key]
+            if not torch.isfinite(latent).all():
+                raise non_finite_latents(str(item.path))
             self._store.save(key, {"latents": latent.to(self.dtype)}, self._description(item, plan))
 
     def export(self, entries: Iterable[tuple[ImageItem, CropPlan]]) -> dict[str, torch.Tensor]:

@@ -75,6 +75,7 @@ def check_images(
         problems=(),
     )
     _require_nonempty(cleaned, problems)
+    _warn_crops(cleaned.items, cfg, buckets)
     return CheckReport(index=cleaned, problems=tuple(problems), checked=len(items))
 
 
@@ -115,13 +116,48 @@ def _check_one(item: ImageItem, cfg: DataConfig, buckets: tuple[Bucket, ...]) ->
     except (OSError, SyntaxError, ValueError) as e:
         return problem(f"truncated or corrupt image ({e}); re-export or re-download it")
     checked = replace(item, size=size, sha256=sha256_bytes(data))
+    ratio = max(size) / max(1, min(size))
+    if ratio > cfg.max_aspect_ratio:
+        return problem(
+            f"{size[0]}x{size[1]} has an aspect ratio of {ratio:.1f}:1, more than data.max_aspect_ratio "
+            f"({cfg.max_aspect_ratio:g}): it would train as a crop keeping {kept_fraction(size, cfg, buckets):.0%} "
+            "of the image. Crop or split it, or raise data.max_aspect_ratio"
+        )
     if cfg.bucketing and assign_bucket(size, cfg, buckets) is None:
         return problem(
-            f"{size[0]}x{size[1]} is too small: with data.bucket_no_upscale its short side must be at least "
-            f"{smallest_usable_side(cfg)} px (data.bucket_min_side={cfg.bucket_min_side}). Use a larger "
-            "image, lower data.bucket_min_side, or set data.bucket_no_upscale: false to upscale it"
+            f"{size[0]}x{size[1]} is too small to train on: with data.bucket_no_upscale its short side must be at "
+            f"least {smallest_usable_side(cfg)} px (smaller images than data.bucket_min_side={cfg.bucket_min_side} "
+            "get their own smaller bucket). Use a larger image, or set data.bucket_no_upscale: false to upscale it"
         )
     return checked, None
+
+
+def kept_fraction(size: tuple[int, int], cfg: DataConfig, buckets: tuple[Bucket, ...]) -> float:
+    """How much of an image (width, height) its bucket keeps after the resize-and-crop: 1.0 for a perfect fit."""
+    bucket = assign_bucket(size, cfg, buckets) if cfg.bucketing else (cfg.resolution, cfg.resolution)
+    if bucket is None:
+        return 1.0
+    image_ratio, bucket_ratio = size[0] / size[1], bucket[0] / bucket[1]
+    return min(image_ratio / bucket_ratio, bucket_ratio / image_ratio)
+
+
+CROP_WARNING = 0.6  # warn when a bucket keeps less than this fraction of an image
+
+
+def _warn_crops(items: tuple[ImageItem, ...], cfg: DataConfig, buckets: tuple[Bucket, ...]) -> None:
+    """Warn (before the plan) about images whose aspect ratio no bucket fits, naming the worst."""
+    kept = sorted((kept_fraction(i.size, cfg, buckets), i.path) for i in items if i.size is not None)
+    cropped = [(fraction, path) for fraction, path in kept if fraction < CROP_WARNING]
+    if cropped:
+        worst, path = cropped[0]
+        logger.warning(
+            "%d image(s) have an aspect ratio no bucket fits and lose more than %.0f%% to cropping (worst: %s "
+            "keeps %.0f%%); crop them yourself, or widen the buckets (data.bucket_min_side/bucket_max_side)",
+            len(cropped),
+            100 * (1 - CROP_WARNING),
+            path,
+            100 * worst,
+        )
 
 
 def _problems_message(problems: list[Problem], cfg: DataConfig) -> str:

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+# .gif and .tif/.tiff train on their first frame (an animated GIF's first frame, a multi-page TIFF's first page)
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+def non_finite_latents(where: str) -> DataError:
+    """The error for an image the VAE turned into NaN/inf latents (`where` names it)."""
+    return DataError(
+        f"{where}: the VAE encoded this image to non-finite latents (NaN or inf), which would poison training; "
+        "encode in float32 (model.vae_dtype: fp32), or check the image and the VAE"
+    )
 
 
 class DataError(Exception):
@@ -53,3 +62,15 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def decode_text(path: Path) -> tuple[str, Problem | None]:
+    """Read a text file as UTF-8 (a BOM is allowed); other encodings are a problem, never mojibake."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig"), None
+    except UnicodeDecodeError as e:
+        return "", Problem(
+            path,
+            f"not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); re-save it with UTF-8 encoding",
+        )

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import unicodedata
 from dataclasses import dataclass, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Literal
 
 from loha_train.config import DataConfig
-from loha_train.data.common import IMAGE_EXTENSIONS, DataError, Problem
+from loha_train.data.common import IMAGE_EXTENSIONS, DataError, Problem, decode_text
+from loha_train.data.imagefolder import metadata_file, read_metadata
 
 logger = logging.getLogger(__name__)
 
 KOHYA_SUBSET = re.compile(r"^(\d+)_(.*)$")
-METADATA_FILE = "metadata.jsonl"
 FALLBACK_CAPTION_EXTENSION = ".caption"  # kohya's historical default, read when the configured one is absent
 Layout = Literal["folder", "kohya", "metadata"]
 CaptionSource = Literal["file", "metadata", "folder", "default", "none"]
@@ -166,20 +165,20 @@ def _scan_role(root: Path, role: str, repeats: int, policy: _CaptionPolicy, conf
         what = "does not exist" if not root.exists() else "is not a folder"
         raise DataError(
             f"{config_key}: {root} {what}. It must be a folder of images with caption files, a folder of "
-            f"kohya-style N_name subfolders (e.g. 10_mychar/), or a folder with a {METADATA_FILE}."
+            "kohya-style N_name subfolders (e.g. 10_mychar/), or a folder with a metadata.jsonl or metadata.csv."
         )
     files, folders = _list_dir(root)
-    if (root / METADATA_FILE).is_file():
-        scan = _scan_metadata(root, role, repeats, policy)
+    if (metadata := metadata_file(root)) is not None:
+        scan = _scan_metadata(root, metadata, role, repeats, policy)
     elif any(KOHYA_SUBSET.match(folder.name) for folder in folders):
         scan = _scan_kohya(root, files, folders, role, policy)
     else:
         scan = _scan_folder(root, files, folders, role, repeats, policy)
     if not scan.items and not scan.problems:
         raise DataError(
-            f"{config_key}: no images found in {root}. Put .png/.jpg/.jpeg/.webp/.bmp files directly in it "
-            f"(captions in same-name {policy.extension} files), in kohya-style N_name subfolders such as "
-            f"10_mychar/, or list them in a {METADATA_FILE}."
+            f"{config_key}: no images found in {root}. Put {'/'.join(sorted(IMAGE_EXTENSIONS))} files directly "
+            f"in it (captions in same-name {policy.extension} files), in kohya-style N_name subfolders such as "
+            "10_mychar/, or list them in a metadata.jsonl or metadata.csv."
         )
     _log_caption_counts(root, scan, policy)
     return scan
@@ -257,6 +256,7 @@ def _add_images(
             scan.problems.append(replace(problem, item_key=key))
             continue
         scan.multiline_captions += multiline
+        warn_control_characters(caption_path, text)
         source: CaptionSource = "file"
         if text is None:
             text, source = _fallback_caption(folder_caption, policy)
@@ -272,6 +272,17 @@ def _add_images(
                 caption_path=caption_path,
             )
         )
+
+
+def warn_control_characters(path: Path | None, text: str | None, which: str = "") -> None:
+    """Warn, naming the file, about a caption with control characters (NUL, ESC, ...; from a binary or a terminal
+    paste): the tokenizer takes them as text, so the caption trains as something other than what it looks like."""
+    if path is None or not text:
+        return
+    found = sorted({c for c in text if unicodedata.category(c) == "Cc" and c != "\t"})
+    if found:
+        codes = ", ".join(f"U+{ord(c):04X}" for c in found)
+        logger.warning("%s%s: the caption holds control characters (%s); re-save it as plain text", path, which, codes)
 
 
 def _fallback_caption(folder_caption: str | None, policy: _CaptionPolicy) -> tuple[str, CaptionSource]:
@@ -318,37 +329,12 @@ def _read_caption_file(image: Path, extension: str) -> tuple[str | None, Path | 
     return lines[0], path, None, len(lines) > 1
 
 
-def decode_text(path: Path) -> tuple[str, Problem | None]:
-    """Read a text file as UTF-8 (a BOM is allowed); other encodings are a problem, never mojibake."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8-sig"), None
-    except UnicodeDecodeError as e:
-        return "", Problem(
-            path,
-            f"not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); re-save it with UTF-8 encoding",
-        )
-
-
-def _scan_metadata(root: Path, role: str, repeats: int, policy: _CaptionPolicy) -> _Scan:
-    """Hugging Face imagefolder: metadata.jsonl lines {"file_name": ..., "text" or "caption": ...}."""
-    scan = _Scan(layout="metadata", items=[], problems=[])
-    metadata = root / METADATA_FILE
-    content, problem = decode_text(metadata)
-    if problem is not None:
-        scan.problems.append(problem)
-        return scan
-    seen: dict[str, int] = {}
-    entries: list[tuple[str, Path, str | None]] = []
-    for line_number, line in enumerate(content.splitlines(), start=1):
-        if not line.strip():
-            continue
-        entry = _parse_metadata_line(root, metadata, line, line_number, seen)
-        if isinstance(entry, Problem):
-            scan.problems.append(entry)
-        else:
-            entries.append(entry)
-    for relative, image, text in sorted(entries, key=lambda e: e[0]):
+def _scan_metadata(root: Path, metadata: Path, role: str, repeats: int, policy: _CaptionPolicy) -> _Scan:
+    """Hugging Face imagefolder: metadata.jsonl lines or metadata.csv rows (imagefolder.py reads them)."""
+    entries, problems, listed = read_metadata(root, metadata)
+    scan = _Scan(layout="metadata", items=[], problems=problems)
+    for relative, image, text in entries:
+        warn_control_characters(metadata, text, f" (the caption of {relative})")
         source: CaptionSource = "metadata"
         if text is None:
             text, source = _fallback_caption(None, policy)
@@ -363,45 +349,11 @@ def _scan_metadata(root: Path, role: str, repeats: int, policy: _CaptionPolicy) 
                 caption_source=source,
             )
         )
-    _warn_unlisted(root, seen)
+    _warn_unlisted(root, metadata, listed)
     return scan
 
 
-def _parse_metadata_line(
-    root: Path, metadata: Path, line: str, line_number: int, seen: dict[str, int]
-) -> tuple[str, Path, str | None] | Problem:
-    def problem(message: str) -> Problem:
-        return Problem(metadata, message, line=line_number)
-
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        return problem(f"not valid JSON ({e.msg} at column {e.colno})")
-    if not isinstance(record, dict):
-        return problem('expected a JSON object like {"file_name": "a.png", "text": "a caption"}')
-    file_name = record.get("file_name")
-    if not isinstance(file_name, str) or not file_name:
-        return problem('missing "file_name" (the image path relative to this file)')
-    relative = PurePosixPath(file_name.replace("\\", "/"))
-    if relative.is_absolute() or ".." in relative.parts:
-        return problem(f"file_name {file_name!r} must be a path inside {root}")
-    if relative.suffix.lower() not in IMAGE_EXTENSIONS:
-        return problem(f"file_name {file_name!r} is not a .png/.jpg/.jpeg/.webp/.bmp image")
-    key = _nfc(relative.as_posix())
-    if key in seen:
-        return problem(f"file_name {file_name!r} is listed twice (first on line {seen[key]})")
-    seen[key] = line_number
-    image = root.joinpath(*relative.parts)
-    if not image.is_file():
-        return problem(f"file {file_name!r} not found in {root}")
-    text = record["text"] if "text" in record else record.get("caption")
-    if text is not None and not isinstance(text, str):
-        return problem(f'"text"/"caption" must be a string, got {type(text).__name__}')
-    text = text.strip() if text else None
-    return key, image, text or None
-
-
-def _warn_unlisted(root: Path, listed: dict[str, int]) -> None:
+def _warn_unlisted(root: Path, metadata: Path, listed: dict[str, int]) -> None:
     files, _ = _list_dir(root)
     unlisted = [f for f in files if _is_image(f) and _nfc(f.name) not in listed]
     if unlisted:
@@ -409,6 +361,6 @@ def _warn_unlisted(root: Path, listed: dict[str, int]) -> None:
             "%d images in %s are not listed in %s and are not used (e.g. %s)",
             len(unlisted),
             root,
-            METADATA_FILE,
+            metadata.name,
             unlisted[0].name,
         )

@@ -1,4 +1,4 @@
-"""Provenance: a dataset fingerprint, kohya's ss_tag_frequency and ss_bucket_info shapes."""
+"""Provenance: a dataset fingerprint, kohya's ss_tag_frequency, ss_dataset_dirs and ss_bucket_info shapes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 from loha_train.data.common import sha256_file
 from loha_train.data.dataset import plan_crops
 from loha_train.data.sampler import allocate_quota
-from loha_train.data.scan import DatasetIndex
+from loha_train.data.scan import DatasetIndex, ImageItem
 
 
 def dataset_fingerprint(index: DatasetIndex) -> dict[str, Any]:
@@ -37,17 +37,32 @@ def dataset_fingerprint(index: DatasetIndex) -> dict[str, Any]:
 
 
 def tag_frequencies(index: DatasetIndex) -> dict[str, dict[str, int]]:
-    """kohya's ss_tag_frequency: {subset folder name: {tag: images whose caption has it}}.
+    """kohya's ss_tag_frequency: {subset folder name: {tag: occurrences}}.
 
-    Training and regularization captions as trained (trigger word included), split on
-    caption_separator; each image counts once whatever its repeats, as in kohya.
+    As sd-scripts' `BaseDataset.set_tag_frequency`: every training and regularization caption (as trained here,
+    trigger word included), split on the separator, stripped, lower-cased, each occurrence counted once
+    whatever the image's repeats.
     """
     separator = index.config.caption_separator
     frequencies: dict[str, Counter[str]] = defaultdict(Counter)
     for item in index.train + index.reg:
-        tags = {tag.strip() for tag in item.caption.split(separator)} - {""}
-        frequencies[item.subset].update(tags)
+        frequencies[item.subset].update(t.strip().lower() for t in item.caption.split(separator) if t.strip())
     return {subset: dict(sorted(counts.items())) for subset, counts in sorted(frequencies.items())}
+
+
+def dataset_dirs(items: tuple[ImageItem, ...]) -> dict[str, dict[str, int]]:
+    """kohya's ss_dataset_dirs (training items) or ss_reg_dataset_dirs (regularization items): one entry per
+    folder (`10_mychar`), {"n_repeats": its repeats, "img_count": its images}; WebUI sums img_count."""
+    dirs: dict[str, dict[str, int]] = {}
+    for item in items:
+        entry = dirs.setdefault(item.subset, {"n_repeats": item.repeats, "img_count": 0})
+        entry["img_count"] += 1
+    return dirs
+
+
+def images_times_repeats(items: tuple[ImageItem, ...]) -> int:
+    """kohya's ss_num_train_images / ss_num_reg_images: images x repeats, summed over folders."""
+    return sum(item.repeats for item in items)
 
 
 def bucket_info(index: DatasetIndex) -> dict[str, Any]:

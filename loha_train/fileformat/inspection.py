@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from loha_train.fileformat.adapter_io import load_adapter
+from loha_train.fileformat.adapter_io import AdapterError, load_adapter
 from loha_train.fileformat.consumers import (
     ConsumerCheck,
     ConsumerModel,
@@ -104,6 +104,8 @@ def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def inspect_adapter(path: str | Path, base: str | None = None) -> InspectReport:
     """Read and validate `path`; with `base`, resolve every key the way WebUI and ComfyUI do on that model."""
     path = Path(path)
+    if path.is_dir():
+        raise AdapterError(_folder_message(path))
     state, metadata = load_adapter(path)
     spec = network_config_from_file(state, metadata)
     report = InspectReport(path, spec, metadata, path.stat().st_size, base=base)
@@ -114,6 +116,15 @@ def inspect_adapter(path: str | Path, base: str | None = None) -> InspectReport:
         report.checks = [check_webui(deltas, model), check_comfyui(deltas, model)]
         report.disagree = disagreements(*report.checks)
     return report
+
+
+def _folder_message(folder: Path) -> str:
+    """`inspect` was given a folder (an output.dir, most likely): say so and name the adapters inside it."""
+    found = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("checkpoints/*/*.safetensors"))
+    if not found:
+        return f"{folder} is a folder, not a .safetensors file, and holds no .safetensors adapter."
+    listed = "\n".join(f"  {p}" for p in found[:20]) + ("\n  ..." if len(found) > 20 else "")
+    return f"{folder} is a folder; inspect one of the adapters inside it:\n{listed}"
 
 
 # ------------------------------------------------------------------------------------------------ text form

@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from loha_train import __version__
+from loha_train.config import default_lr
 from loha_train.loha.inject import LoHaNetwork
 
 SAI_MODEL_SPEC = "1.0.0"
@@ -91,6 +92,7 @@ def _trigger_words(config: Mapping[str, Any]) -> list[str]:
 def _optimizer(train: Mapping[str, Any]) -> str:
     betas = f"({train['adam_beta1']}, {train['adam_beta2']})"
     args = f"weight_decay={train['weight_decay']},betas={betas},eps={train['adam_eps']}"
+    args += "".join(f",{k}={v}" for k, v in (train.get("optimizer_args") or {}).items())
     return f"{_OPTIMIZERS.get(train['optimizer'], train['optimizer'])}({args})"
 
 
@@ -127,9 +129,10 @@ def _kohya(
         "dropout": "0.0",
         "rank_dropout": str(float(net["rank_dropout"])),
         "module_dropout": str(float(net["module_dropout"])),
-        "rank_dropout_scale": "True",  # our rank dropout always rescales kept rows by 1 / (1 - p)
+        "rank_dropout_scale": str(bool(net.get("rank_dropout_scale", False))),
     }
     side = int(data["resolution"])
+    lr = train["lr"] if train.get("lr") is not None else default_lr(train["optimizer"])
     out: dict[str, Any] = {
         "ss_network_module": NETWORK_MODULE,
         "ss_network_dim": net["rank"],
@@ -148,9 +151,9 @@ def _kohya(
         "ss_epoch": stats.get("epoch", 0),
         "ss_max_train_steps": plan.get("total_steps", train.get("max_steps")),
         "ss_num_epochs": train.get("epochs"),
-        "ss_learning_rate": train["lr"],
-        "ss_unet_lr": train["unet_lr"] if train.get("unet_lr") is not None else train["lr"],
-        "ss_text_encoder_lr": train["text_encoder_lr"] if train.get("text_encoder_lr") is not None else train["lr"],
+        "ss_learning_rate": lr,
+        "ss_unet_lr": train["unet_lr"] if train.get("unet_lr") is not None else lr,
+        "ss_text_encoder_lr": train["text_encoder_lr"] if train.get("text_encoder_lr") is not None else lr,
         "ss_optimizer": _optimizer(train),
         "ss_lr_scheduler": train["scheduler"],
         "ss_lr_warmup_steps": train["warmup_steps"],
@@ -179,7 +182,7 @@ def _kohya(
     }
     if "steps_per_epoch" in plan:
         out["ss_num_batches_per_epoch"] = int(plan["steps_per_epoch"]) * int(train["gradient_accumulation"])
-    for key in ("tag_frequency", "bucket_info", "num_train_images", "num_reg_images"):
+    for key in ("tag_frequency", "bucket_info", "num_train_images", "num_reg_images", "reg_dataset_dirs"):
         if key in dataset:
             out[f"ss_{key}"] = dataset[key]
     dirs = _dataset_dirs(dataset, int(data["repeats"]))
@@ -228,7 +231,7 @@ def build_metadata(
     dataset: {"fingerprint": `data.dataset_fingerprint(index)`, "tag_frequency": {subset: {tag: n}},
         "bucket_info": {"buckets": {i: {"resolution": [w, h], "count": n}}, ...}, "dataset_dirs":
         {folder: {"n_repeats": r, "img_count": n}} or "dirs": {folder: image count}, "num_train_images",
-        "num_reg_images"}; every entry optional.
+        "num_reg_images"} (both images x repeats, as kohya counts them); every entry optional.
     plan: {"total_steps", "effective_batch", "steps_per_epoch", ...}; stats: {"steps", "epoch", "finished_at",
         ...}; started_at / finished_at are Unix times.
     """

@@ -162,15 +162,16 @@ def _column(row_scale: Tensor | float, ndim: int) -> Tensor | float:
 # --- Dropout and initialisation ---------------------------------------------------------------------------------
 
 
-def rank_dropout_scale(out_features: int, p: float, device: torch.device | str) -> Tensor:
-    """A per-output-row keep mask for rank dropout, rescaled by 1 / (1 - p) (inverted dropout).
+def rank_dropout_scale(out_features: int, p: float, device: torch.device | str, rescale: bool = False) -> Tensor:
+    """A per-output-row keep mask for rank dropout, as LyCORIS's LohaModule draws it.
 
-    Rows of DeltaW are dropped with probability p; dividing by the expected kept fraction keeps the expectation
-    of the dropped delta equal to the undropped delta exactly. Draws from the global RNG so activation
-    checkpointing (which restores the RNG state) recomputes the same mask.
+    Rows of DeltaW are dropped with probability p. With `rescale` (LyCORIS's rank_dropout_scale) the kept rows are
+    divided by the fraction actually kept (`drop /= drop.mean()`), so the delta's overall size is kept; without
+    (LyCORIS's default) they are not. Draws from the global RNG so activation checkpointing (which restores the RNG
+    state) recomputes the same mask.
     """
-    keep = torch.rand(out_features, device=device) >= p
-    return keep.to(torch.float32) / (1.0 - p)
+    keep = (torch.rand(out_features, device=device) > p).to(torch.float32)
+    return keep / keep.mean().clamp_min(1.0 / out_features) if rescale else keep
 
 
 @torch.no_grad()

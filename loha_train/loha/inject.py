@@ -265,6 +265,7 @@ def inject_loha(components: list[Component], cfg: NetworkConfig, *, seed: int | 
             wrapped = wrap_layer(
                 cand.module, rank, alpha, use_cp=cfg.use_cp,
                 rank_dropout=cfg.rank_dropout, module_dropout=cfg.module_dropout,
+                rank_dropout_scale=cfg.rank_dropout_scale,
             )  # fmt: skip
             _install(network, cand.key, cand, wrapped)
     return network

@@ -42,6 +42,7 @@ class LoHaModule(nn.Module):
         rank_dropout: float = 0.0,
         module_dropout: float = 0.0,
         multiplier: float = 1.0,
+        rank_dropout_scale: bool = False,
     ) -> None:
         super().__init__()
         if rank < 1:
@@ -52,6 +53,7 @@ class LoHaModule(nn.Module):
         self.base = base
         self.rank = rank
         self.rank_dropout = rank_dropout
+        self.rank_dropout_scale = rank_dropout_scale
         self.module_dropout = module_dropout
         self.multiplier = multiplier
         self.merged = False
@@ -135,7 +137,7 @@ class LoHaModule(nn.Module):
         """scale * multiplier (a 0-dim tensor: no device sync), times a rank-dropout row mask in training."""
         s = self.alpha * (self.multiplier / self.rank)
         if self.training and self.rank_dropout > 0:
-            return LF.rank_dropout_scale(self.out_features, self.rank_dropout, device) * s
+            return LF.rank_dropout_scale(self.out_features, self.rank_dropout, device, self.rank_dropout_scale) * s
         return s
 
     def adapter_forward(self, x: Tensor, row_scale: Tensor) -> Tensor:
@@ -291,9 +293,14 @@ def wrap_layer(
     use_cp: bool = True,
     rank_dropout: float = 0.0,
     module_dropout: float = 0.0,
+    rank_dropout_scale: bool = False,
 ) -> LoHaModule:
     """Wrap an nn.Linear or nn.Conv2d in the matching LoHa module."""
-    dropouts = {"rank_dropout": rank_dropout, "module_dropout": module_dropout}
+    dropouts = {
+        "rank_dropout": rank_dropout,
+        "module_dropout": module_dropout,
+        "rank_dropout_scale": rank_dropout_scale,
+    }
     if isinstance(base, nn.Linear):
         return LoHaLinear(base, rank, alpha, **dropouts)
     if isinstance(base, nn.Conv2d):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import math
 import os
 import random
@@ -26,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from loha_train.models.clip_bpe import BOS, EOS, train_clip_bpe, write_clip_tokenizer
 from loha_train.models.reference_configs import SD_SCHEDULE
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -163,6 +166,7 @@ def resolve_builtin(path: str, *, cache: Path | None = None) -> Path:
     if final.is_dir():
         return final
     builder: Callable[[Path], None] = build_shapes if name in _DATASETS else lambda d: build_tiny_model(name, d)
+    logger.info("building %s into %s (first use only, a few seconds; later runs reuse it)", path, final)
     return _build_atomically(final, builder)
 
 

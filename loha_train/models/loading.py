@@ -61,6 +61,8 @@ def load_models(cfg: ModelConfig, *, dtype: torch.dtype | None = None, with_toke
         tokenizer_root = resolve_model_path(tokenizer_path) if tokenizer_path else info.path
     if cfg.vae_path:
         vae = _load_vae(cfg.vae_path, dict(vae.config) if vae is not None else REFERENCE[info.family]["vae"], dtype)
+    if vae is not None and vae.dtype != (wanted := vae_dtype(cfg, vae.config, dtype)):
+        vae.to(wanted)
     tokenizers = _load_tokenizers(tokenizer_root, info.family) if with_tokenizers else []
     for tokenizer, encoder in zip(tokenizers, encoders, strict=False):
         if len(tokenizer) > encoder.config.vocab_size:
@@ -154,6 +156,22 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def vae_dtype(cfg: ModelConfig, vae_config: Any, dtype: torch.dtype) -> torch.dtype:
+    """model.vae_dtype, or for auto: float32 when the VAE's config sets force_upcast (diffusers' default, and SDXL's
+    VAE, known to overflow to NaN in fp16), else the frozen weights' dtype (e.g. the fp16-fix VAEs)."""
+    if cfg.vae_dtype != "auto":
+        return DTYPES[cfg.vae_dtype]
+    return torch.float32 if getattr(vae_config, "force_upcast", True) else dtype
+
+
+def _transformers_dtype_keyword() -> str:
+    """transformers >= 4.56 takes `dtype` (5.x warns on the old name); older releases only `torch_dtype`."""
+    import transformers
+
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
 def _load_folder(
     root: Path, family: Family, dtype: torch.dtype
 ) -> tuple[UNet2DConditionModel, AutoencoderKL, list[TextEncoder], dict[str, Any]]:
@@ -162,10 +180,11 @@ def _load_folder(
 
     unet = _from_pretrained(UNet2DConditionModel, root, "unet", torch_dtype=dtype)
     vae = _from_pretrained(AutoencoderKL, root, "vae", torch_dtype=dtype)
+    te_dtype = {_transformers_dtype_keyword(): dtype}
     with _quiet_transformers():
-        encoders = [_from_pretrained(CLIPTextModel, root, "text_encoder", dtype=dtype)]
+        encoders = [_from_pretrained(CLIPTextModel, root, "text_encoder", **te_dtype)]
         if family == "sdxl":
-            encoders.append(_from_pretrained(CLIPTextModelWithProjection, root, "text_encoder_2", dtype=dtype))
+            encoders.append(_from_pretrained(CLIPTextModelWithProjection, root, "text_encoder_2", **te_dtype))
     scheduler = read_json(root / "scheduler" / "scheduler_config.json", "the scheduler's config")
     return unet, vae, encoders, scheduler
 

@@ -84,6 +84,11 @@ def save_single_file(bundle: ModelBundle, path: str | Path, *, dtype: torch.dtyp
         METADATA_PREDICTION: bundle.prediction_type,
         METADATA_CONFIGS: json.dumps(configs, sort_keys=True),
     }
+    return save_file_atomic(tensors, path, metadata)
+
+
+def save_file_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None) -> Path:
+    """safetensors' save_file to a temporary name beside `path`, renamed into place (no half-written file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

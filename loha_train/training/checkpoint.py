@@ -94,17 +94,28 @@ def resolve_resume(output_dir: Path, which: str) -> Path:
             )
         return found[-1][1]
     path = Path(which)
+    if not path.exists():
+        raise CheckpointError(f"--resume {which}: does not exist. {_existing_checkpoints(output_dir)}")
     if _LEFTOVER.match(path.name):
         raise CheckpointError(
-            f"--resume {which}: a partial checkpoint left by a run that was killed while writing or deleting it; "
-            f"use `--resume latest` or a complete folder such as {checkpoint_path(output_dir, 100)}."
+            f"--resume {which}: a partial checkpoint left by a run that was killed while writing or deleting it. "
+            + _existing_checkpoints(output_dir)
         )
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(
-            f"--resume {which}: not a complete checkpoint folder (it has no {STATE_FILE}); "
-            f"use `--resume latest` or a folder such as {checkpoint_path(output_dir, 100)}."
+            f"--resume {which}: not a complete checkpoint folder (it has no {STATE_FILE}). "
+            + _existing_checkpoints(output_dir)
         )
     return path
+
+
+def _existing_checkpoints(output_dir: Path) -> str:
+    """What the user can resume from instead: only checkpoints that exist (the newest few), or that none do."""
+    found = [path for _, path in list_checkpoints(output_dir)]
+    if not found:
+        return f"{Path(output_dir) / CHECKPOINTS} holds no complete checkpoint: start the run without --resume."
+    shown = ", ".join(str(p) for p in found[-3:])
+    return f"Complete checkpoints of this run: {shown}; `--resume latest` picks the newest."
 
 
 def register_adapter_hooks(accelerator: Any, network: LoHaNetwork) -> None:

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,10 +14,12 @@ from torch.utils.data import DataLoader
 
 from loha_train import data
 from loha_train.config import Config, DataConfig
+from loha_train.config.fs import write_problem
 from loha_train.models import builtin
 from loha_train.models.bundle import ModelBundle
 from loha_train.models.detect import model_hash
-from loha_train.models.encode import encode_captions, vae_encode
+from loha_train.models.encode import encode_captions, token_counts, vae_encode
+from loha_train.training.progress import counter
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,7 @@ class DataPipeline:
     problems: int  # bad files skipped (data.skip_bad_images)
     summary: str
     fingerprint: dict[str, Any]  # data.dataset_fingerprint of the checked index
+    notes: tuple[str, ...] = ()  # plan lines about the data (captions longer than model.max_token_length)
 
 
 def resolve_data_config(cfg: DataConfig) -> DataConfig:
@@ -50,10 +54,13 @@ def build_data(cfg: Config, bundle: ModelBundle, accelerator: Any, *, encode: bo
     """Scan and check every image up front, then (unless `encode` is False) fill the latent/text caches."""
     data_cfg = resolve_data_config(cfg.data)
     seed = cfg.train.seed
-    report = data.check_images(data.scan_dataset(data_cfg, seed), skip_bad=data_cfg.skip_bad_images)
+    index = data.scan_dataset(data_cfg, seed)
+    with counter("checking images", enabled=accelerator.is_main_process) as progress:
+        report = data.check_images(index, skip_bad=data_cfg.skip_bad_images, progress=progress)
     index = report.index
-    latents = _latent_cache(cfg, data_cfg) if data_cfg.cache_latents != "none" else None
-    text = data.TextEmbeddingCache(_identity(cfg, "text"), cfg.model.clip_skip) if _can_cache_text(cfg) else None
+    latents = _latent_cache(cfg, data_cfg, bundle) if data_cfg.cache_latents != "none" else None
+    text_id = f"{_identity(cfg, 'text')}|tokens {cfg.model.max_token_length}"
+    text = data.TextEmbeddingCache(text_id, cfg.model.clip_skip) if _can_cache_text(cfg) else None
     train_items = index.train + index.reg
     dataset = data.ImageDataset(train_items, data_cfg, seed, latents=latents, text=text)
     validation = (
@@ -82,12 +89,40 @@ def build_data(cfg: Config, bundle: ModelBundle, accelerator: Any, *, encode: bo
         f"{len(index.train)} images ({index.layout} layout), {len(index.reg)} regularization, "
         f"{len(index.validation)} validation; {len(set(dataset.buckets))} bucket(s); "
         f"{sampler.samples_per_epoch} samples per epoch"
+        + _small_images(dataset, data_cfg)
         + (f"; {len(report.problems)} bad file(s) skipped" if report.problems else "")
     )
     fingerprint = data.dataset_fingerprint(index)
+    notes = caption_notes(cfg, bundle, [item.caption for item in train_items], list_longest=not encode)
     return DataPipeline(
-        index, data_cfg, dataset, sampler, loader, validation, len(report.problems), summary, fingerprint
+        index, data_cfg, dataset, sampler, loader, validation, len(report.problems), summary, fingerprint, notes
     )
+
+
+def caption_notes(cfg: Config, bundle: ModelBundle, captions: list[str], *, list_longest: bool) -> tuple[str, ...]:
+    """One line counting the captions model.max_token_length cuts (said once, not per step), and for a dry run
+    the three longest captions with their token counts."""
+    if not captions or not bundle.tokenizers:
+        return ()
+    counts = token_counts(bundle.tokenizers[0], captions)
+    limit = cfg.model.max_token_length
+    cut = sum(n > limit for n in counts)
+    notes = []
+    if cut:
+        notes.append(
+            f"{cut} of {len(captions)} captions are longer than {limit} tokens and are truncated (longest "
+            f"{max(counts)}); model.max_token_length: 150 or 225 keeps more, as kohya's max_token_length does"
+        )
+    if list_longest:
+        longest = sorted(zip(counts, captions, strict=True), reverse=True)[:3]
+        notes += [f"longest caption: {n} tokens: {caption[:80]!r}" for n, caption in longest]
+    return tuple(notes)
+
+
+def _small_images(dataset: data.ImageDataset, cfg: DataConfig) -> str:
+    """How many images bucket_no_upscale put in their own bucket below bucket_min_side (kohya does the same)."""
+    small = sum(1 for bucket in dataset.buckets if min(bucket) < cfg.bucket_min_side) if cfg.bucketing else 0
+    return f"; {small} image(s) smaller than data.bucket_min_side in their own smaller bucket" if small else ""
 
 
 def _can_cache_text(cfg: Config) -> bool:
@@ -102,9 +137,40 @@ def _identity(cfg: Config, part: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
-def _latent_cache(cfg: Config, data_cfg: DataConfig) -> data.LatentCache:
-    folder = data.default_cache_dir(data_cfg.path) / "latents" if data_cfg.cache_latents == "disk" else None
-    return data.LatentCache(data_cfg.cache_latents, _identity(cfg, "vae"), folder)  # type: ignore[arg-type]
+def latent_identity(cfg: Config, bundle: ModelBundle) -> str:
+    """What makes a VAE's latents what they are, beyond the image and its crop (which LatentCache keys itself):
+    the VAE's weights, the dtype it encodes in, and the encoding (the distribution's mode)."""
+    return f"{_identity(cfg, 'vae')}|{str(bundle.vae.dtype).removeprefix('torch.')}|mode"
+
+
+def _latent_cache(cfg: Config, data_cfg: DataConfig, bundle: ModelBundle) -> data.LatentCache:
+    folder = latent_cache_folder(data_cfg.path) if data_cfg.cache_latents == "disk" else None
+    return data.LatentCache(data_cfg.cache_latents, latent_identity(cfg, bundle), folder)  # type: ignore[arg-type]
+
+
+def latent_cache_folder(data_path: str) -> Path:
+    """<data>/.loha-cache/latents, or where the data folder is read-only (Kaggle inputs, shares, read-only mounts)
+    a folder for this dataset under $LOHA_TRAIN_CACHE (default ~/.cache/loha-train); said in a warning."""
+    preferred = data.default_cache_dir(data_path) / "latents"
+    problem = write_problem(preferred)
+    if problem is None:
+        return preferred
+    digest = hashlib.sha256(str(Path(data_path).resolve()).encode()).hexdigest()[:16]
+    fallback = builtin.cache_dir() / "data" / digest / "latents"
+    if (fallback_problem := write_problem(fallback)) is not None:
+        raise data.DataError(
+            f"data.cache_latents is 'disk', but the default cache folder {preferred} {problem}, and the fallback "
+            f"{fallback} (under $LOHA_TRAIN_CACHE) {fallback_problem}. Set LOHA_TRAIN_CACHE to a writable folder, "
+            "or set data.cache_latents: memory (or none)."
+        )
+    logger.warning(
+        "the latent cache cannot go in the data folder (%s %s); it goes to %s instead (set LOHA_TRAIN_CACHE "
+        "to choose another place, or data.cache_latents: memory)",
+        preferred,
+        problem,
+        fallback,
+    )
+    return fallback
 
 
 def _fill_caches(
@@ -126,10 +192,13 @@ def _fill_caches(
         captions = data.fixed_captions(index.train + index.reg + index.validation, data_cfg)
 
         def encode_text(chunk: list[str]) -> dict[str, torch.Tensor]:
-            out = encode_captions(bundle.text_encoders, bundle.tokenizers, chunk, cfg.model.clip_skip)
+            out = encode_captions(
+                bundle.text_encoders, bundle.tokenizers, chunk, cfg.model.clip_skip, cfg.model.max_token_length
+            )
             return {k: v.float().cpu() for k, v in out.items()}
 
-        text.prepare(captions, encode_text)
+        with counter("caching text embeddings", enabled=accelerator.is_main_process, unit="caption") as progress:
+            text.prepare(captions, encode_text, progress=progress)
 
 
 def _fill_latents(
@@ -149,7 +218,8 @@ def _fill_latents(
     if world > 1:
         distinct = list({latents.key(item, plan): (item, plan) for item, plan in entries}.values())
         mine = distinct[rank::world]
-        stats = latents.prepare(mine, encode)
+        with counter("caching latents", enabled=accelerator.is_main_process) as progress:
+            stats = latents.prepare(mine, encode, progress=progress)
         logger.info("latents (rank %d): %d encoded, %d reused from the cache", rank, stats.encoded, stats.reused)
         if latents.mode == "memory":
             from accelerate.utils import gather_object
@@ -157,5 +227,6 @@ def _fill_latents(
             for shard in gather_object([latents.export(mine)]):
                 latents.absorb(shard)
         accelerator.wait_for_everyone()
-    stats = latents.prepare(entries, encode)
+    with counter("caching latents", enabled=accelerator.is_main_process) as progress:
+        stats = latents.prepare(entries, encode, progress=progress)
     logger.info("latents: %d encoded, %d reused from the cache", stats.encoded, stats.reused)

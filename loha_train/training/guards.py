@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from loha_train.config.fs import write_problem
 from loha_train.training import checkpoint
 from loha_train.training.plan import OutputPaths
 
@@ -24,6 +25,8 @@ def check_output_folder(paths: OutputPaths, resume: str | None, overwrite: bool)
     if resume is not None:
         return checkpoint.resolve_resume(paths.root, resume)
     started = checkpoint.list_checkpoints(paths.root)
+    if overwrite:
+        _check_deletable(paths)
     if overwrite or not (paths.adapter.exists() or started):
         return None
     what = f"a finished run ({paths.adapter.name})" if paths.adapter.exists() else f"{len(started)} checkpoint(s)"
@@ -34,11 +37,27 @@ def check_output_folder(paths: OutputPaths, resume: str | None, overwrite: bool)
     )
 
 
+def _check_deletable(paths: OutputPaths) -> None:
+    """--overwrite deletes the old checkpoints and logs: make sure it can, before any model loads."""
+    for folder in (paths.root, paths.checkpoints, paths.logs):
+        if folder.is_dir() and (problem := write_problem(folder)):
+            raise TrainingError(
+                f"--overwrite must delete the old run's checkpoints and logs, but {folder} {problem}. "
+                "Make the output folder writable or choose another output.dir."
+            )
+
+
 def start_over(paths: OutputPaths) -> None:
     """--overwrite: delete the old run's checkpoints and logs, so `--resume latest` and the logs see only this run."""
     for folder in (paths.checkpoints, paths.logs):
         if folder.exists():
-            shutil.rmtree(folder)
+            try:
+                shutil.rmtree(folder)
+            except OSError as err:
+                raise TrainingError(
+                    f"--overwrite could not delete the old run's {folder}: {err.strerror} ({err.filename}). "
+                    "Make it writable or choose another output.dir; the new run has not started."
+                ) from None
 
 
 _SHARDED_ENGINES = {

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 logger = logging.getLogger(__name__)
 
@@ -78,45 +77,6 @@ def _truncate_after(path: Path, step: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, path)
-
-
-def loss_curve_png(metrics_path: Path, out_path: Path, key: str = "loss", size: tuple[int, int] = (640, 360)) -> Path:
-    """A plain line chart of `key` over steps (raw, and a moving average), written as PNG."""
-    points = [(r["step"], r[key]) for r in read_metrics(metrics_path) if key in r and math.isfinite(r[key])]
-    w, h = size
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    left, top, right, bottom = 60, 20, w - 20, h - 40
-    draw.rectangle([left, top, right, bottom], outline="black")
-    if points:
-        steps, values = zip(*points, strict=True)
-        lo, hi = min(values), max(values)
-        hi = hi if hi > lo else lo + 1e-8
-        s0, s1 = min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1
-
-        def xy(s: float, v: float) -> tuple[float, float]:
-            return left + (s - s0) / (s1 - s0) * (right - left), bottom - (v - lo) / (hi - lo) * (bottom - top)
-
-        draw.line([xy(s, v) for s, v in points], fill=(150, 170, 230), width=1)
-        smooth = _moving_average(list(values), max(1, len(values) // 20))
-        draw.line([xy(s, v) for s, v in zip(steps, smooth, strict=True)], fill=(20, 60, 200), width=2)
-        draw.text((5, top), f"{hi:.4g}", fill="black")
-        draw.text((5, bottom - 10), f"{lo:.4g}", fill="black")
-        draw.text((left, bottom + 8), f"step {s0}", fill="black")
-        draw.text((right - 70, bottom + 8), f"step {s1}", fill="black")
-    draw.text((left + 5, top + 5), f"training {key}", fill="black")
-    save_png(image, out_path)
-    return out_path
-
-
-def _moving_average(values: list[float], window: int) -> list[float]:
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v
-        if i >= window:
-            acc -= values[i - window]
-        out.append(acc / min(i + 1, window))
-    return out
 
 
 def save_png(image: Image.Image, path: Path) -> None:

@@ -129,10 +129,13 @@ def format_plan(
     model: str | Sequence[str],
     adapters: dict[str, dict[str, int]],
     data: str,
+    warnings: Sequence[str] = (),
+    notes: Sequence[str] = (),
 ) -> str:
     """The `--dry-run` report (also printed at the start of a run).
 
-    `model` is one line, or the model line and then how its family and prediction type were found.
+    `model` is one line, or the model line and then how its family and prediction type were found; `warnings`
+    are printed under the lr line (e.g. an adaptive optimizer given a small lr).
     """
     model_lines = [model] if isinstance(model, str) else list(model)
     lines = ["loha-train plan", f"  model       {model_lines[0]}"]
@@ -146,8 +149,10 @@ def format_plan(
         + (" (data parallel: gradients averaged over them; rank 0 writes every file)" if plan.world_size > 1 else ""),
         f"  batch       {t.batch_size} per process x {t.gradient_accumulation} accumulation x {plan.world_size} "
         f"process(es) = {plan.effective_batch} per optimizer step",
-        f"  lr          {t.lr:g} (unet {t.unet_lr or t.lr:g}, text encoder {t.text_encoder_lr or t.lr:g}); "
+        f"  lr          {t.effective_lr:g} (unet {t.effective_unet_lr:g}, "
+        f"text encoder {t.effective_text_encoder_lr:g}); "
         "never scaled automatically: it applies to the effective batch as given",
+        *[f"              {w}" for w in warnings],
         *_scaling_rule(plan),
         f"  steps       {plan.total_steps} ({plan.steps_per_epoch} per epoch, {plan.epochs:.2f} epochs)",
         f"  precision   frozen weights {cfg.model.dtype}, mixed precision {t.mixed_precision}",
@@ -156,7 +161,7 @@ def format_plan(
         + (f" every {t.save_every_steps} steps" if t.save_every_steps else " (at the end and on interrupt)"),
         f"              samples in {paths.samples}, TensorBoard logs in {paths.logs}",
     ]
-    lines += [f"  note        {n}" for n in plan.notes]
+    lines += [f"  note        {n}" for n in (*plan.notes, *notes)]
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ from loha_train.models.bundle import ModelBundle
 from loha_train.models.detect import model_hash
 from loha_train.training.data_pipeline import DataPipeline
 from loha_train.training.plan import RunPlan
+from loha_train.training.setup import used_alpha
 
 
 def provenance(
@@ -23,8 +24,11 @@ def provenance(
 ) -> Callable[[dict[str, Any]], dict[str, str]]:
     """A function of the run's progress that returns the adapter file's metadata (kohya, modelspec, ours)."""
     started = time.time()
+    config = config_to_dict(cfg)
+    if cfg.network.init_from:  # the file's alphas were loaded: record what the adapters use, not the config's
+        config["network"]["alpha"] = used_alpha(network)
     fixed = {
-        "config": config_to_dict(cfg),
+        "config": config,
         "network": network,
         "family": bundle.family,
         "prediction_type": bundle.prediction_type,
@@ -34,9 +38,10 @@ def provenance(
             "fingerprint": pipeline.fingerprint,
             "tag_frequency": data.tag_frequencies(pipeline.index),
             "bucket_info": data.bucket_info(pipeline.index),
-            "dirs": {str(pipeline.data_cfg.path): len(pipeline.index.train)},
-            "num_train_images": len(pipeline.index.train),
-            "num_reg_images": len(pipeline.index.reg),
+            "dataset_dirs": data.dataset_dirs(pipeline.index.train),
+            "reg_dataset_dirs": data.dataset_dirs(pipeline.index.reg),
+            "num_train_images": data.images_times_repeats(pipeline.index.train),
+            "num_reg_images": data.images_times_repeats(pipeline.index.reg),
         },
         "plan": {
             "total_steps": plan.total_steps,

@@ -11,15 +11,24 @@ from loha_train.config import Config, dump_config
 from loha_train.fileformat.adapter_io import write_atomic
 from loha_train.models.detect import model_hash
 from loha_train.models.loading import load_models
+from loha_train.training.charts import loss_curve_png
 from loha_train.training.checkpoint import TrainState
 from loha_train.training.data_pipeline import build_data
 from loha_train.training.guards import check_launch, check_output_folder, refuse_sharded_engines, start_over
-from loha_train.training.metrics import MetricsLog, loss_curve_png
+from loha_train.training.metrics import MetricsLog
+from loha_train.training.optim import lr_warnings
 from loha_train.training.plan import OutputPaths, Position, format_plan, make_plan
+from loha_train.training.progress import paused
 from loha_train.training.provenance import provenance
 from loha_train.training.resume import load_resumed, resume_settings, start_position, warn_if_layout_changed
 from loha_train.training.session import Session
-from loha_train.training.setup import build_network, may_leave_adapters_unused, prepare_for_training, to_device
+from loha_train.training.setup import (
+    build_network,
+    init_from_notes,
+    may_leave_adapters_unused,
+    prepare_for_training,
+    to_device,
+)
 from loha_train.training.signals import Interrupted, StopFlag, agreed_signal
 
 
@@ -38,7 +47,7 @@ def train(
     # --- refuse what cannot work, before anything loads ----------------------------------------------------
     paths = OutputPaths(Path(cfg.output.dir), cfg.output.name)
     refuse_sharded_engines()
-    resume_from = None if dry_run else check_output_folder(paths, resume, overwrite)
+    resume_from = check_output_folder(paths, resume, overwrite)  # --dry-run predicts the refusal too
     ddp = DistributedDataParallelKwargs()  # read at prepare(); find_unused_parameters is set once the family is known
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision, step_scheduler_with_optimizer=False, kwargs_handlers=[ddp]
@@ -58,7 +67,9 @@ def train(
     if main and saved is not None:
         warn_if_layout_changed(saved, plan)
     if main:
-        echo(format_plan(cfg, plan, paths, model=bundle.describe(), adapters=network.report(), data=data.summary))
+        report = {"model": bundle.describe(), "adapters": network.report(), "data": data.summary}
+        notes = (*data.notes, *init_from_notes(cfg, network))
+        echo(format_plan(cfg, plan, paths, **report, warnings=lr_warnings(cfg), notes=notes))
     if dry_run:
         return None
 
@@ -105,9 +116,11 @@ def train(
                     _due(cfg.sample.every_n_steps, run.step)
                     or (epoch_ended and _due(cfg.sample.every_n_epochs, run.epoch))
                 ):
-                    run.sample()
+                    with paused(progress, "sampling"):  # its time stays out of the step rate and ETA
+                        run.sample()
                 if _due(cfg.train.validation_every_steps, run.step) and data.validation is not None:
-                    run.validate()
+                    with paused(progress, "validating"):
+                        run.validate()
                 if _due(cfg.output.save_adapter_every_steps, run.step) and run.step < plan.total_steps:
                     run.export_adapter(paths.periodic_adapter(run.step))
                 signum = agreed_signal(accelerator, stop.signum)

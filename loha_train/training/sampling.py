@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,9 @@ from torch import nn
 
 from loha_train.config import Config, SampleConfig, SamplePrompt
 from loha_train.models.bundle import ModelBundle
+from loha_train.models.encode import encode_captions
 from loha_train.training.metrics import MetricsLog, save_png
+from loha_train.training.progress import counter
 
 _SAMPLERS = {
     "euler": "EulerDiscreteScheduler",
@@ -34,9 +37,29 @@ class SampleModels:
     text_encoders: Sequence[nn.Module]
     tokenizers: Sequence[Any]
     scheduler_config: Any
+    clip_skip: int = 1  # model.clip_skip: prompts are encoded exactly as training encodes captions
+    max_token_length: int = 75  # model.max_token_length, likewise
+
+
+@contextlib.contextmanager
+def _without_torchvision_notes() -> Iterator[None]:
+    """Building a diffusers pipeline imports the CLIP/SigLIP image processors of safety checkers and IP-adapters,
+    which we never use; without torchvision transformers warns about each. Keep those two lines off the console."""
+    notes = logging.getLogger("transformers.utils.import_utils")
+    level = notes.level
+    notes.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        notes.setLevel(level)
 
 
 def make_pipeline(models: SampleModels, sampler: str) -> Any:
+    with _without_torchvision_notes():
+        return _make_pipeline(models, sampler)
+
+
+def _make_pipeline(models: SampleModels, sampler: str) -> Any:
     import diffusers
 
     scheduler = getattr(diffusers, _SAMPLERS[sampler]).from_config(models.scheduler_config)
@@ -78,22 +101,46 @@ def _eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
 
 
 def generate(
-    models: SampleModels, cfg: SampleConfig, resolution: int, autocast: contextlib.AbstractContextManager | None = None
+    models: SampleModels,
+    cfg: SampleConfig,
+    resolution: int,
+    autocast: contextlib.AbstractContextManager | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[Image.Image]:
-    """One image per prompt, each from its own seeded generator, so the same step gives the same images."""
+    """One image per prompt, each from its own seeded generator, so the same step gives the same images.
+    `progress(done, total)` is called after each image."""
     pipe = make_pipeline(models, cfg.sampler)
     images = []
     with _eval_mode([models.unet, *models.text_encoders]), torch.no_grad(), autocast or contextlib.nullcontext():
         for i, prompt in enumerate(cfg.prompts):
-            images.append(_one(pipe, prompt, cfg, resolution, default_seed=cfg.seed + i))
+            images.append(_one(pipe, models, prompt, cfg, resolution, default_seed=cfg.seed + i))
+            if progress is not None:
+                progress(i + 1, len(cfg.prompts))
     return images
 
 
-def _one(pipe: Any, p: SamplePrompt, cfg: SampleConfig, resolution: int, default_seed: int) -> Image.Image:
+def prompt_embeddings(models: SampleModels, prompt: str, negative_prompt: str) -> dict[str, torch.Tensor]:
+    """The pipeline's prompt_embeds (and SDXL's pooled ones) for a prompt and its negative, from encode_captions:
+    the conditioning training uses (clip_skip included), not the pipeline's own encoding, which counts clip_skip
+    differently and would drift from training with any change to how captions are encoded."""
+    texts = [prompt, negative_prompt]
+    cond = encode_captions(models.text_encoders, models.tokenizers, texts, models.clip_skip, models.max_token_length)
+    hidden = cond["encoder_hidden_states"]
+    out = {"prompt_embeds": hidden[:1], "negative_prompt_embeds": hidden[1:]}
+    if "text_embeds" in cond:
+        out |= {
+            "pooled_prompt_embeds": cond["text_embeds"][:1],
+            "negative_pooled_prompt_embeds": cond["text_embeds"][1:],
+        }
+    return out
+
+
+def _one(
+    pipe: Any, models: SampleModels, p: SamplePrompt, cfg: SampleConfig, resolution: int, default_seed: int
+) -> Image.Image:
     generator = torch.Generator(device="cpu").manual_seed(p.seed if p.seed is not None else default_seed)
     result = pipe(
-        prompt=p.prompt,
-        negative_prompt=p.negative_prompt or None,
+        **prompt_embeddings(models, p.prompt, p.negative_prompt),
         width=p.width or resolution,
         height=p.height or resolution,
         num_inference_steps=p.steps or cfg.steps,
@@ -134,9 +181,12 @@ def sample_now(cfg: Config, bundle: ModelBundle, accelerator: Any, log: MetricsL
             [accelerator.unwrap_model(te) for te in bundle.text_encoders],
             bundle.tokenizers,
             bundle.scheduler_config,
+            cfg.model.clip_skip,
+            cfg.model.max_token_length,
         )
         rng_state = torch.random.get_rng_state()
-        images = generate(models, cfg.sample, cfg.data.resolution, autocast=accelerator.autocast())
+        with counter(f"sampling at step {step}", unit="image", position=1) as progress:
+            images = generate(models, cfg.sample, cfg.data.resolution, accelerator.autocast(), progress)
         torch.random.set_rng_state(rng_state)
         grid_path = save_samples(images, folder, step)
         with Image.open(grid_path) as grid_image:

@@ -21,10 +21,12 @@ from loha_train.models.bundle import ModelBundle
 from loha_train.training import checkpoint
 from loha_train.training.checkpoint import TrainState
 from loha_train.training.data_pipeline import DataPipeline
+from loha_train.training.grad_check import check_gradients_arrived
 from loha_train.training.guards import TrainingError
 from loha_train.training.metrics import MetricsLog
 from loha_train.training.plan import OutputPaths, RunPlan
 from loha_train.training.sampling import sample_now
+from loha_train.training.setup import may_leave_adapters_unused
 from loha_train.training.step import global_micro_index, micro_step, seed_everything_for
 from loha_train.training.validation import validation_loss
 
@@ -54,6 +56,7 @@ class Session:
     extra: dict[str, Any] = field(default_factory=lambda: {"skipped_steps": 0})
     last_checkpoint: int = -1  # step of the newest checkpoint this run can fall back to
     last_sampled: int = -1
+    gradients_checked: bool = False  # the first backward of this process is checked once (grad_check.py)
 
     def epoch_batches(self) -> Iterator[Any]:
         """This epoch's remaining micro-batches (consumed ones skipped after a resume)."""
@@ -76,6 +79,11 @@ class Session:
         if not math.isfinite(loss_value):
             self._non_finite(loss_value)
         else:
+            if not self.gradients_checked:
+                check_gradients_arrived(
+                    self.network, some_may_be_unused=may_leave_adapters_unused(cfg, self.bundle.family)
+                )
+                self.gradients_checked = True
             if cfg.train.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(list(self.network.parameters()), cfg.train.max_grad_norm)
             self.optimizer.step()

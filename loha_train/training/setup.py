@@ -41,6 +41,22 @@ def build_network(cfg: Config, bundle: ModelBundle, device: torch.device) -> LoH
     return network
 
 
+def used_alpha(network: LoHaNetwork) -> float:
+    """The alpha most adapters use (network.init_from loads each module's alpha from the file)."""
+    alphas = [round(float(m.alpha), 6) for m in network.modules.values()]
+    return max(set(alphas), key=alphas.count) if alphas else 0.0
+
+
+def init_from_notes(cfg: Config, network: LoHaNetwork) -> list[str]:
+    """The plan's word on network.init_from: the file's alphas win over network.alpha/conv_alpha."""
+    if not cfg.network.init_from:
+        return []
+    return [
+        f"network.init_from: alphas come from {cfg.network.init_from} (the file wins over network.alpha "
+        f"{cfg.network.alpha:g}); most adapters use alpha {used_alpha(network):g}, and the metadata records it"
+    ]
+
+
 def may_leave_adapters_unused(cfg: Config, family: str) -> bool:
     """Whether a step can leave some adapter parameters without a gradient, which DDP must be told about:
     module dropout skips whole adapters, and a trained text encoder's last layer is unused with clip_skip > 1
@@ -99,7 +115,17 @@ def _enable_gradient_checkpointing(bundle: ModelBundle, cfg: Config) -> None:
     bundle.unet.enable_gradient_checkpointing()
     if cfg.network.train_text_encoder:
         for te in bundle.text_encoders:
-            te.gradient_checkpointing_enable()
+            enable_text_encoder_checkpointing(te)
+
+
+def enable_text_encoder_checkpointing(te: Any) -> None:
+    """Non-reentrant checkpointing: transformers 4.x defaults to reentrant checkpointing, which gives the adapters
+    inside a frozen encoder no gradient (its inputs, token ids, never require grad); non-reentrant does."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(te, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it (the old name warns)
+        te.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        te.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _through_wrappers(bundle: ModelBundle, raw: list[Any], prepared: list[Any]) -> ModelBundle:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from loha_train.config import Config
+from loha_train.data.common import non_finite_latents
 from loha_train.models.bundle import ModelBundle
 from loha_train.models.encode import encode_captions, sdxl_time_ids, vae_encode
 
@@ -30,9 +31,18 @@ def global_micro_index(micro: int, rank: int, world_size: int) -> int:
     return micro * world_size + rank
 
 
+def _encoded(bundle: ModelBundle, batch: dict[str, Any]) -> torch.Tensor:
+    """data.cache_latents: none: the batch's latents, encoded now; a non-finite one stops the run naming the image."""
+    latents = vae_encode(bundle, batch["pixels"])
+    bad = [key for key, latent in zip(batch["keys"], latents, strict=True) if not torch.isfinite(latent).all()]
+    if bad:
+        raise non_finite_latents(", ".join(map(str, bad)))
+    return latents
+
+
 def micro_step(cfg: Config, bundle: ModelBundle, device: torch.device, batch: dict[str, Any]) -> torch.Tensor:
     """The diffusion loss of one micro-batch (noise, timesteps, target, weighting), averaged over samples."""
-    latents = batch["latents"].to(device) if "latents" in batch else vae_encode(bundle, batch["pixels"])
+    latents = batch["latents"].to(device) if "latents" in batch else _encoded(bundle, batch)
     cond = conditioning(cfg, bundle, batch, device)
     noise, timesteps = noise_and_timesteps(cfg, bundle, latents)
     return diffusion_loss(cfg, bundle, latents, noise, timesteps, cond, batch["loss_weight"].to(device))
@@ -55,7 +65,13 @@ def conditioning(cfg: Config, bundle: ModelBundle, batch: dict[str, Any], device
     else:
         grad = torch.enable_grad() if cfg.network.train_text_encoder else torch.no_grad()
         with grad:
-            cond = encode_captions(bundle.text_encoders, bundle.tokenizers, batch["captions"], cfg.model.clip_skip)
+            cond = encode_captions(
+                bundle.text_encoders,
+                bundle.tokenizers,
+                batch["captions"],
+                cfg.model.clip_skip,
+                cfg.model.max_token_length,
+            )
     if bundle.family == "sdxl":
         time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], batch["target_size"]).to(device)
         cond["added_cond_kwargs"] = {"text_embeds": cond.pop("text_embeds"), "time_ids": time_ids}
