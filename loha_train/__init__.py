@@ -1,3 +1,3 @@
 """loha-train: fine-tune Stable Diffusion with LoHa adapters and export LyCORIS-compatible files."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
