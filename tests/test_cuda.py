@@ -70,14 +70,19 @@ def _rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return float((ours.detach().double().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
-@pytest.mark.parametrize("rank_dropout", [0.0, 0.3], ids=["no-dropout", "rank-dropout"])
+@pytest.mark.parametrize(
+    ("rank_dropout", "rescale"), [(0.0, False), (0.3, False), (0.3, True)], ids=["no-dropout", "dropout", "scaled"]
+)
 @pytest.mark.parametrize("path", ["factored", "merged"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("kind", list(LAYERS))
-def test_fused_kernels_match_float64_reference(kind: str, dtype: str, path: str, rank_dropout: float) -> None:
+def test_fused_kernels_match_float64_reference(
+    kind: str, dtype: str, path: str, rank_dropout: float, rescale: bool
+) -> None:
     torch.manual_seed(0)
     base = LAYERS[kind]().requires_grad_(False)
-    m = wrap_layer(base, 4, 2.0, use_cp=kind.endswith("-cp"), rank_dropout=rank_dropout).to(DEVICE)
+    m = wrap_layer(base, 4, 2.0, use_cp=kind.endswith("-cp"), rank_dropout=rank_dropout, rank_dropout_scale=rescale)
+    m = m.to(DEVICE)
     m.path = path
     for p in m.parameters():
         if p.requires_grad:
@@ -89,8 +94,9 @@ def test_fused_kernels_match_float64_reference(kind: str, dtype: str, path: str,
     with torch.autocast(DEVICE, dtype=DTYPES[dtype], enabled=dtype != "fp32"):
         out = m(x)
     torch.manual_seed(7)  # the same draw as the layer's: its only random op is the rank-dropout mask
-    keep = torch.rand(m.out_features, device=DEVICE) >= rank_dropout if rank_dropout else torch.ones(m.out_features)
-    row_scale = keep.double() / (1 - rank_dropout)
+    # LyCORIS's mask: rows kept where rand > p; with rank_dropout_scale divided by the fraction actually kept
+    keep = (torch.rand(m.out_features, device=DEVICE) > rank_dropout).double().cpu()
+    row_scale = keep / keep.mean() if rescale else keep
     x_ref = x_cpu.double().requires_grad_(True)  # a new leaf (x is a clone)
     ref, ref_params = _reference_output(m, x_ref, row_scale)
     weight = torch.randn(ref.shape, dtype=torch.float64)  # a loss whose gradient reaches every element

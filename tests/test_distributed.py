@@ -308,6 +308,7 @@ class _Process:
 
     def __init__(self, rank: int, barrier: threading.Barrier) -> None:
         self.process_index, self.num_processes, self._barrier = rank, 2, barrier
+        self.is_main_process = rank == 0
 
     def wait_for_everyone(self) -> None:
         self._barrier.wait()
