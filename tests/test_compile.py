@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -58,24 +57,21 @@ def test_inductor_compiled_loha_layers_equal_eager_with_the_same_dropout_masks()
 
 
 def _train(tmp: Path, name: str, compile_: bool, steps: int, resume: bool = False) -> Path:
+    from test_cuda import RUN
+    from test_train import tiny_raw
+
     from loha_train.config import config_from_dict
     from loha_train.training.recipe import train
 
-    raw: dict[str, Any] = {
-        "model": {"path": "builtin:tiny-sd"},
-        "network": {"preset": "full", "rank": 4, "alpha": 4, "conv_rank": 2, "conv_alpha": 2, "rank_dropout": 0.1},
-        "data": {
-            "path": "builtin:shapes",
-            "resolution": 64,
-            "bucket_min_side": 32,
-            "bucket_max_side": 96,
-            "bucket_step": 32,
-        },
-        "train": {"max_steps": steps, "batch_size": 2, "lr": 1e-3, "save_every_steps": 2, "seed": 5},
-        "sample": {"prompts": []},
-        "output": {"dir": str(tmp / name), "name": "run", "save_precision": "fp32"},
-    }
-    raw["train"]["compile"] = compile_
+    raw = tiny_raw(
+        tmp / name,
+        **RUN,
+        train__max_steps=steps,
+        train__save_every_steps=2,
+        train__seed=5,
+        train__compile=compile_,
+        output__save_precision="fp32",
+    )
     adapter = train(config_from_dict(raw), resume="latest" if resume else None, echo=lambda _: None)
     assert adapter is not None
     return adapter

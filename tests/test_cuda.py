@@ -125,32 +125,32 @@ def deterministic() -> Iterator[None]:
         torch.use_deterministic_algorithms(False)
 
 
+# A tiny run with a LoHa on every layer, conv cores and rank dropout (test_train.tiny_raw's keys, overridden)
+RUN: dict[str, Any] = {
+    "network__alpha": 4,
+    "network__conv_rank": 2,
+    "network__conv_alpha": 2,
+    "network__rank_dropout": 0.1,
+    "data__resolution": 64,
+    "data__bucket_max_side": 96,
+    "output__name": "run",
+}
+
+
 def _run(tmp: Path, name: str, precision: str, *, steps: int, resume: bool = False) -> dict[str, torch.Tensor]:
+    from test_train import tiny_raw
+
     from loha_train.config import config_from_dict
     from loha_train.training.recipe import train
 
-    raw: dict[str, Any] = {
-        "model": {"path": "builtin:tiny-sd"},
-        "network": {"preset": "full", "rank": 4, "alpha": 4, "conv_rank": 2, "conv_alpha": 2, "rank_dropout": 0.1},
-        "data": {
-            "path": "builtin:shapes",
-            "resolution": 64,
-            "bucket_min_side": 32,
-            "bucket_max_side": 96,
-            "bucket_step": 32,
-            "cache_latents": "memory",
-        },
-        "train": {
-            "max_steps": steps,
-            "batch_size": 2,
-            "lr": 1e-3,
-            "save_every_steps": steps // 2,
-            "seed": 3,
-            "mixed_precision": precision,
-        },
-        "sample": {"prompts": []},
-        "output": {"dir": str(tmp / name), "name": "run"},
-    }
+    raw = tiny_raw(
+        tmp / name,
+        **RUN,
+        train__max_steps=steps,
+        train__save_every_steps=steps // 2,
+        train__seed=3,
+        train__mixed_precision=precision,
+    )
     adapter = train(config_from_dict(raw), resume="latest" if resume else None, echo=lambda _: None)
     assert adapter is not None
     return load_file(adapter)
