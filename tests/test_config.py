@@ -257,6 +257,17 @@ RANGE_ERRORS = [
     ({"sample.seed": -5}, "sample.seed", "must be >= 0"),
     ({"sample.every_n_steps": 0, "sample.prompts": ["a"]}, "sample.every_n_steps", "must be >= 1"),
     ({"sample.every_n_epochs": 0, "sample.prompts": ["a"]}, "sample.every_n_epochs", "must be >= 1"),
+    ({"network.scale_weight_norms": 0}, "network.scale_weight_norms", "must be > 0"),
+    ({"train.text_encoder_lr": [1e-4, 1e-4, 1e-4]}, "train.text_encoder_lr", "or a list of one or two values"),
+    ({"train.lr_pattern": {"(": 1e-3}}, "train.lr_pattern['(']", "not a valid regular expression"),
+    ({"train.lr_pattern": {"down": -1}}, "train.lr_pattern['down']", "must be >= 0"),
+    ({"train.multires_noise_iterations": -1}, "train.multires_noise_iterations", "must be >= 0"),
+    ({"train.multires_noise_discount": 0}, "train.multires_noise_discount", "must be > 0"),
+    ({"train.ip_noise_gamma": -0.1}, "train.ip_noise_gamma", "must be >= 0"),
+    ({"train.min_timestep": 1000}, "train.min_timestep", "must be in [0, 999]"),
+    ({"train.max_timestep": 0}, "train.max_timestep", "must be in [1, 1000]"),
+    ({"train.huber_c": 0}, "train.huber_c", "must be in (0, 1]"),
+    ({"train.huber_scale": 0}, "train.huber_scale", "must be > 0"),
     ({"output.name": "runs/loha"}, "output.name", "without /"),
     ({"output.save_adapter_every_steps": 0}, "output.save_adapter_every_steps", "must be >= 1"),
 ]
@@ -284,6 +295,17 @@ CONTRADICTIONS = [
     ({"sample.every_n_epochs": 1}, "sample.prompts", "no prompts"),
     ({"model.zero_terminal_snr": True, "model.prediction_type": "epsilon"}, "model.zero_terminal_snr", "v_prediction"),
     ({"model.zero_terminal_snr": True, "sample.sampler": "pndm"}, "sample.sampler", "pndm cannot sample"),
+    ({"train.adaptive_noise_scale": 0.1}, "train.adaptive_noise_scale", "set train.noise_offset > 0"),
+    (
+        {"train.min_timestep": 500, "train.max_timestep": 400},
+        "train.max_timestep",
+        "must be >= train.min_timestep (500)",
+    ),
+    (
+        {"train.scale_v_pred_loss_like_noise_pred": True, "model.prediction_type": "epsilon"},
+        "train.scale_v_pred_loss_like_noise_pred",
+        "needs a v-prediction model",
+    ),
 ]
 
 

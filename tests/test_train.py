@@ -90,6 +90,55 @@ def test_resume_mid_epoch_equals_straight_run(tmp_path: Path) -> None:
     assert [s for s, _ in losses(tmp_path / "split")] == list(range(1, 9))
 
 
+# Every loss, noise, timestep, lr-group and max-norm option (issue 17, part A) at once, with Prodigy and a schedule,
+# on a v-prediction model (scale_v_pred_loss_like_noise_pred needs one).
+KOHYA_OPTIONS = {
+    "model__path": "builtin:tiny-sd-v",
+    "train__loss": "huber",
+    "train__huber_schedule": "snr",
+    "train__debiased_estimation": True,
+    "train__scale_v_pred_loss_like_noise_pred": True,
+    "train__min_snr_gamma": 5.0,
+    "train__noise_offset": 0.1,
+    "train__noise_offset_random_strength": True,
+    "train__adaptive_noise_scale": 0.05,
+    "train__multires_noise_iterations": 4,
+    "train__multires_noise_discount": 0.3,
+    "train__ip_noise_gamma": 0.1,
+    "train__ip_noise_gamma_random_strength": True,
+    "train__min_timestep": 100,
+    "train__max_timestep": 900,
+    "train__optimizer": "prodigy",
+    "train__lr": 1.0,
+    "train__scheduler": "constant_with_warmup",  # a schedule that does not depend on max_steps (split runs)
+    "train__warmup_steps": 2,
+    "train__lr_pattern": {"down_blocks": 0.0},  # prodigy: one lr for all groups, or 0 (a frozen block)
+    "network__scale_weight_norms": 2e-5,  # low enough for these few steps to reach
+}
+
+
+def test_resume_with_every_kohya_loss_and_noise_option_equals_straight_run(tmp_path: Path) -> None:
+    pytest.importorskip("prodigyopt")
+    run(tmp_path / "straight", **KOHYA_OPTIONS, train__max_steps=5)
+    run(tmp_path / "split", **KOHYA_OPTIONS, train__max_steps=3)
+    run(tmp_path / "split", resume="latest", **KOHYA_OPTIONS, train__max_steps=5)
+    assert_same_run(tmp_path / "straight", tmp_path / "split", 5)
+    rows = [r for r in read_metrics(tmp_path / "split" / "logs" / "metrics.jsonl") if "loss" in r]
+    assert rows[-1]["max_norm/keys_scaled"] > 0 and rows[-1]["max_norm/max_key_norm"] <= 2e-5 * (1 + 1e-5), rows
+    assert all(r["lr/lr_pattern down_blocks"] == 0 and r["lr/unet"] > 0 for r in rows)
+    meta = json.loads(json.dumps(safe_open_metadata(tmp_path / "split" / "loha.safetensors")))
+    assert (meta["ss_loss_type"], meta["ss_huber_schedule"], meta["ss_debiased_estimation"]) == ("huber", "snr", "True")
+    assert (meta["ss_multires_noise_iterations"], meta["ss_ip_noise_gamma"], meta["ss_scale_weight_norms"]) == (
+        "4", "0.1", "2e-05")  # fmt: skip
+
+
+def safe_open_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata())
+
+
 def test_resume_of_a_resume_continues_counters(tmp_path: Path) -> None:
     extra = {**HARD, "network__train_text_encoder": True, "train__text_encoder_lr": 5e-4, "train__save_every_steps": 2}
     run(tmp_path / "straight", **extra)

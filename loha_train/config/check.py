@@ -145,7 +145,10 @@ class Builder:
         if get_origin(tp) in (Union, types.UnionType):
             if value is None and type(None) in get_args(tp):
                 return None
-            return self._convert(_strip_none(tp), value, key, skey, nullable=True)
+            inner = _strip_none(tp)
+            if get_origin(inner) in (Union, types.UnionType):  # `float | tuple[float, ...]`: the first that fits
+                return self._alternative(tp, value, key, skey)
+            return self._convert(inner, value, key, skey, nullable=True)
         if is_dataclass(tp):
             return self._dataclass(tp, value, key, skey)
         if get_origin(tp) is tuple:
@@ -162,6 +165,15 @@ class Builder:
             null = " or null" if nullable else ""
             return self.problem(key, f"must be {result.expected}{null}, got {show(value)}{result.note}")
         return result
+
+    def _alternative(self, tp: Any, value: Any, key: str, skey: str) -> Any:
+        for option in get_args(tp):
+            if option is not type(None):
+                trial = Builder(self.schema)
+                result = trial._convert(option, value, key, skey)  # the field rule checks the result after
+                if not trial.problems:
+                    return result
+        return self.problem(key, f"must be {describe(tp)}, got {show(value)}")
 
     def _dataclass(self, cls: type, value: Any, key: str, skey: str) -> Any:
         if isinstance(value, str) and cls in self.schema.shorthands:

@@ -30,6 +30,10 @@ def _regex_error(pattern: str) -> str | None:
     return None
 
 
+def _values(value: Any) -> tuple[Any, ...]:
+    return value if isinstance(value, tuple) else (value,)
+
+
 _NON_NEGATIVE = _must(lambda v: v >= 0, ">= 0")
 _AT_LEAST_1 = _must(lambda v: v >= 1, ">= 1")
 _POSITIVE = _must(lambda v: v > 0, "> 0")
@@ -74,7 +78,12 @@ FIELD_RULES: dict[str, FieldRule] = {
     "train.gradient_accumulation": _AT_LEAST_1,
     "train.lr": _POSITIVE,
     "train.unet_lr": _POSITIVE,
-    "train.text_encoder_lr": _POSITIVE,
+    "train.text_encoder_lr": _must(
+        lambda v: 1 <= len(_values(v)) <= 2 and min(_values(v)) > 0,
+        "> 0, or a list of one or two values > 0 (SDXL's encoders 1 and 2)",
+    ),
+    "train.lr_pattern{}": _regex_error,
+    "train.lr_pattern[]": _NON_NEGATIVE,
     "train.weight_decay": _NON_NEGATIVE,
     "train.adam_beta1": _FRACTION,
     "train.adam_beta2": _FRACTION,
@@ -86,6 +95,14 @@ FIELD_RULES: dict[str, FieldRule] = {
     "train.seed": _NON_NEGATIVE,
     "train.noise_offset": _NON_NEGATIVE,
     "train.min_snr_gamma": _POSITIVE,
+    "train.multires_noise_iterations": _NON_NEGATIVE,
+    "train.multires_noise_discount": _POSITIVE,
+    "train.ip_noise_gamma": _NON_NEGATIVE,
+    "train.min_timestep": _must(lambda v: 0 <= v <= 999, "in [0, 999]", "SD schedulers have timesteps 0-999"),
+    "train.max_timestep": _must(lambda v: 1 <= v <= 1000, "in [1, 1000]", "SD schedulers have timesteps 0-999"),
+    "train.huber_c": _must(lambda v: 0 < v <= 1, "in (0, 1]"),
+    "train.huber_scale": _POSITIVE,
+    "network.scale_weight_norms": _POSITIVE,
     "train.save_every_steps": _AT_LEAST_1,
     "train.keep_last_checkpoints": _AT_LEAST_1,
     "train.validation_every_steps": _AT_LEAST_1,
@@ -139,6 +156,21 @@ RULES: tuple[_Rule, ...] = (
         "train.warmup_steps",
         lambda train: train.scheduler == "constant" and train.warmup_steps > 0,
         "the constant scheduler has no warm-up; use train.scheduler: constant_with_warmup (or set warmup_steps: 0)",
+    ),
+    _Rule(
+        "train.adaptive_noise_scale",
+        lambda train: train.adaptive_noise_scale is not None and train.noise_offset == 0,
+        "adds to train.noise_offset, which is 0: set train.noise_offset > 0 too (as kohya requires)",
+    ),
+    _Rule(
+        "train.max_timestep",
+        lambda train: train.max_timestep is not None and train.max_timestep < train.min_timestep,
+        "must be >= train.min_timestep ({train.min_timestep}), got {train.max_timestep}",
+    ),
+    _Rule(
+        "train.scale_v_pred_loss_like_noise_pred",
+        lambda model, train: train.scale_v_pred_loss_like_noise_pred and model.prediction_type == "epsilon",
+        "needs a v-prediction model (model.prediction_type: v_prediction), as in kohya",
     ),
     _Rule(
         "network.train_unet",

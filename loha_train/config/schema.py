@@ -66,6 +66,7 @@ class NetworkConfig:
     train_unet: bool = True  # put LoHa on the UNet
     train_text_encoder: bool = False  # put LoHa on the text encoder(s)
     init_from: str | None = None  # start from an existing LoHa .safetensors instead of zero
+    scale_weight_norms: float | None = None  # max-norm: scale down each module whose delta weight's norm exceeds this
 
     @property
     def effective_conv_rank(self) -> int:
@@ -120,7 +121,8 @@ class TrainConfig:
     gradient_accumulation: int = 1  # micro-batches per optimizer step
     lr: float | None = None  # learning rate for all adapters; default 1e-4, or 1.0 for prodigy (it scales its own step)
     unet_lr: float | None = None  # default: `lr`
-    text_encoder_lr: float | None = None  # default: `lr`
+    text_encoder_lr: float | tuple[float, ...] | None = None  # default: `lr`; SDXL: one value or [encoder 1, encoder 2]
+    lr_pattern: dict[str, float] = field(default_factory=dict)  # regex -> lr (block LRs; 0 freezes), first match wins
     optimizer: Literal["adamw", "adamw8bit", "prodigy"] = "adamw"  # adamw8bit needs bitsandbytes, prodigy prodigyopt
     optimizer_args: dict[str, Any] = field(default_factory=dict)  # extra optimizer arguments (prodigy: d_coef, …)
     weight_decay: float = 0.01  # decoupled weight decay
@@ -137,7 +139,21 @@ class TrainConfig:
     compile: bool = False  # torch.compile the UNet with its LoHa layers; GPU only (first step compiles: minutes)
     seed: int = 42  # seeds data order, noise, dropouts and init
     noise_offset: float = 0.0  # offset noise strength (0.05-0.1 for darker/brighter images)
+    noise_offset_random_strength: bool = False  # draw the offset's strength uniformly in [0, noise_offset) each step
+    adaptive_noise_scale: float | None = None  # add this x |latent channel mean| to noise_offset (kohya's)
+    multires_noise_iterations: int = 0  # pyramid noise levels added to the noise (6-10 is common); 0: off
+    multires_noise_discount: float = 0.3  # weight factor of each further pyramid level
+    ip_noise_gamma: float = 0.0  # input perturbation noise strength (0.1 is common); 0: off
+    ip_noise_gamma_random_strength: bool = False  # draw its strength uniformly in [0, ip_noise_gamma) each step
+    min_timestep: int = 0  # smallest training timestep
+    max_timestep: int | None = None  # training timesteps are below this; default: the scheduler's count (1000)
+    loss: Literal["l2", "l1", "huber", "smooth_l1"] = "l2"  # per-element loss (kohya's loss_type)
+    huber_schedule: Literal["constant", "exponential", "snr"] = "snr"  # huber/smooth_l1 threshold over timesteps
+    huber_c: float = 0.1  # huber/smooth_l1 threshold (the schedule's value at the noisiest timestep)
+    huber_scale: float = 1.0  # huber/smooth_l1: multiplies the constant and exponential thresholds
     min_snr_gamma: float | None = None  # min-SNR loss weighting (5 is common)
+    debiased_estimation: bool = False  # weight the loss by 1/sqrt(SNR) (v-prediction: 1/(SNR+1)), kohya's
+    scale_v_pred_loss_like_noise_pred: bool = False  # v-prediction: weight the loss by SNR/(SNR+1) (kohya's)
     save_every_steps: int | None = None  # resumable checkpoint interval
     keep_last_checkpoints: int = 3  # older checkpoints are deleted
     nan_policy: Literal["stop", "skip"] = "stop"  # on a NaN/inf loss: stop, or skip that step
@@ -154,7 +170,15 @@ class TrainConfig:
 
     @property
     def effective_text_encoder_lr(self) -> float:
-        return self.effective_lr if self.text_encoder_lr is None else self.text_encoder_lr
+        """The first text encoder's lr."""
+        return self.text_encoder_lrs[0]
+
+    @property
+    def text_encoder_lrs(self) -> tuple[float, float]:
+        """(first, second) text encoder's lr: one value serves both, as in kohya."""
+        te = self.text_encoder_lr
+        lrs = (self.effective_lr,) if te is None else (te,) if isinstance(te, float) else te
+        return lrs[0], lrs[-1]
 
 
 @dataclass(frozen=True)

@@ -166,6 +166,7 @@ def _kohya(
         "ss_seed": train["seed"],
         "ss_noise_offset": train["noise_offset"],
         "ss_min_snr_gamma": train["min_snr_gamma"],
+        **_kohya_loss_and_noise(train, net),
         "ss_zero_terminal_snr": model_cfg.get("zero_terminal_snr", False),
         "ss_prior_loss_weight": data["prior_loss_weight"],
         "ss_caption_dropout_rate": data["caption_dropout"],
@@ -189,6 +190,24 @@ def _kohya(
     if dirs is not None:
         out["ss_dataset_dirs"] = dirs
     return out
+
+
+def _kohya_loss_and_noise(train: Mapping[str, Any], net: Mapping[str, Any]) -> dict[str, Any]:
+    """kohya's ss_* keys for the loss, noise and max-norm options (None where kohya's option would be unset)."""
+    return {
+        "ss_noise_offset_random_strength": bool(train.get("noise_offset_random_strength", False)),
+        "ss_adaptive_noise_scale": train.get("adaptive_noise_scale"),
+        "ss_multires_noise_iterations": train.get("multires_noise_iterations") or None,
+        "ss_multires_noise_discount": train.get("multires_noise_discount", 0.3),
+        "ss_ip_noise_gamma": train.get("ip_noise_gamma") or None,
+        "ss_ip_noise_gamma_random_strength": bool(train.get("ip_noise_gamma_random_strength", False)),
+        "ss_loss_type": train.get("loss", "l2"),
+        "ss_huber_schedule": train.get("huber_schedule", "snr"),
+        "ss_huber_c": train.get("huber_c", 0.1),
+        "ss_huber_scale": train.get("huber_scale", 1.0),
+        "ss_debiased_estimation": bool(train.get("debiased_estimation", False)),
+        "ss_scale_weight_norms": net.get("scale_weight_norms"),
+    }
 
 
 def _modelspec(config: Mapping[str, Any], family: str, prediction: str | None, finished: float) -> dict[str, str]:

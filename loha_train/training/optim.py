@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,19 +25,12 @@ class OptimizerUnavailable(Exception):
     """An optimizer whose package is not installed."""
 
 
-def build_optimizer(cfg: Config, network: LoHaNetwork, total_steps: int) -> tuple[Any, Any]:
-    """The optimizer over the adapter parameters (one group per component) and its LR schedule."""
+def build_optimizer(cfg: Config, network: LoHaNetwork, total_steps: int, family: str = "sd1") -> tuple[Any, Any]:
+    """The optimizer over the adapter parameters (groups: `param_groups`) and its LR schedule."""
     from diffusers.optimization import get_scheduler
 
     t = cfg.train
-    lrs = {
-        "unet": t.effective_unet_lr,
-        "text_encoder": t.effective_text_encoder_lr,
-        "text_encoder_2": t.effective_text_encoder_lr,
-    }
-    groups = [
-        {"params": params, "lr": lr} for component, lr in lrs.items() if (params := list(network.parameters(component)))
-    ]
+    groups = [{"params": g.params, "lr": g.lr, "name": g.name} for g in param_groups(cfg, network, family)]
     optimizer = make_optimizer(t.optimizer, groups, cfg)
     scheduler = get_scheduler(
         t.scheduler,
@@ -46,6 +41,78 @@ def build_optimizer(cfg: Config, network: LoHaNetwork, total_steps: int) -> tupl
         power=t.lr_scheduler_power,  # and this for polynomial only
     )
     return optimizer, scheduler
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """One optimizer parameter group: its name in the plan and logs, its lr and parameters."""
+
+    name: str
+    lr: float
+    params: list[torch.nn.Parameter]
+
+    @property
+    def size(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+
+def param_groups(cfg: Config, network: LoHaNetwork, family: str) -> list[ParamGroup]:
+    """The adapters' parameter groups: one per component at its lr (unet_lr; text_encoder_lr, SDXL's second
+    encoder its second value), then one per `train.lr_pattern` entry, which takes the modules it matches first
+    (matched against the names rank_pattern sees: `unet.down_blocks.0...` and the key `lora_unet_down_blocks_0...`).
+    A pattern that matches no adapted module, or two text-encoder lrs without SDXL, is a ConfigError."""
+    t = cfg.train
+    te1, te2 = t.text_encoder_lrs
+    lrs = {"unet": t.effective_unet_lr, "text_encoder": te1, "text_encoder_2": te2}
+    problems = []
+    if isinstance(t.text_encoder_lr, tuple) and len(t.text_encoder_lr) == 2 and family != "sdxl":
+        problems.append(
+            ConfigProblem(
+                "train.text_encoder_lr", f"two values are for SDXL's two encoders; this {family} model has one"
+            )
+        )
+    by_component: dict[str, list[torch.nn.Parameter]] = {name: [] for name in lrs}
+    by_pattern: dict[str, list[torch.nn.Parameter]] = {pattern: [] for pattern in t.lr_pattern}
+    for key, module in network.modules.items():
+        names = (network.qualnames.get(key, key), key)
+        pattern = next((p for p in t.lr_pattern if any(re.search(p, n) for n in names)), None)
+        target = by_component[network.components[key]] if pattern is None else by_pattern[pattern]
+        target.extend(module.parameters(recurse=False))
+    problems += [
+        ConfigProblem(
+            f"train.lr_pattern[{p!r}]", "matches no module with an adapter (see network.rank_pattern's names)"
+        )
+        for p, params in by_pattern.items()
+        if not params
+    ]
+    groups = [ParamGroup(name, lrs[name], params) for name, params in by_component.items() if params]
+    groups += [ParamGroup(f"lr_pattern {p}", t.lr_pattern[p], params) for p, params in by_pattern.items()]
+    if t.optimizer == "prodigy":
+        problems += _prodigy_problems(groups)
+    if problems:
+        raise ConfigError(problems)
+    return groups
+
+
+def _prodigy_problems(groups: list[ParamGroup]) -> list[ConfigProblem]:
+    """Prodigy estimates one step size for all groups: it refuses (at its first step) a group whose lr is neither
+    the largest lr nor 0, so say so now, naming the key."""
+    top = max(g.lr for g in groups)
+    keys = {"unet": "train.unet_lr", "text_encoder": "train.text_encoder_lr", "text_encoder_2": "train.text_encoder_lr"}
+    return [
+        ConfigProblem(
+            keys.get(g.name, f"train.lr_pattern[{g.name.removeprefix('lr_pattern ')!r}]"),
+            f"prodigy takes one lr for every parameter group, or 0 to freeze a group; {g.name} has {g.lr:g}, another "
+            f"{top:g}. Use {top:g} or 0 (tune train.optimizer_args.d_coef instead), or train.optimizer: adamw",
+        )
+        for g in groups
+        if g.lr not in (top, 0.0)
+    ]
+
+
+def format_groups(groups: list[ParamGroup]) -> list[str]:
+    """The plan's lines for the parameter groups: name, lr, parameter count."""
+    return [f"{g.name}: lr {g.lr:g}, {g.size:,} parameters" for g in groups]
 
 
 def make_optimizer(name: str, groups: list[dict[str, Any]], cfg: Config) -> torch.optim.Optimizer:
@@ -103,6 +170,9 @@ def lr_warnings(cfg: Config) -> list[str]:
     if t.optimizer not in ADAPTIVE_OPTIMIZERS:
         return []
     low = {"unet": t.effective_unet_lr, "text encoder": t.effective_text_encoder_lr}
+    if t.text_encoder_lrs[1] != t.text_encoder_lrs[0]:
+        low["text encoder 2"] = t.text_encoder_lrs[1]
+    low.update({f"lr_pattern {p!r}": lr for p, lr in t.lr_pattern.items()})
     low = {k: v for k, v in low.items() if v <= 0.1}
     if not low:
         return []

@@ -129,13 +129,15 @@ def format_plan(
     model: str | Sequence[str],
     adapters: dict[str, dict[str, int]],
     data: str,
+    groups: Sequence[str] = (),
     warnings: Sequence[str] = (),
     notes: Sequence[str] = (),
 ) -> str:
     """The `--dry-run` report (also printed at the start of a run).
 
     `model` is one line, or the model line and then how its family and prediction type were found; `warnings`
-    are printed under the lr line (e.g. an adaptive optimizer given a small lr).
+    are printed under the lr line (e.g. an adaptive optimizer given a small lr), then the optimizer's parameter
+    `groups` (optim.format_groups).
     """
     model_lines = [model] if isinstance(model, str) else list(model)
     lines = ["loha-train plan", f"  model       {model_lines[0]}"]
@@ -150,9 +152,10 @@ def format_plan(
         f"  batch       {t.batch_size} per process x {t.gradient_accumulation} accumulation x {plan.world_size} "
         f"process(es) = {plan.effective_batch} per optimizer step",
         f"  lr          {t.effective_lr:g} (unet {t.effective_unet_lr:g}, "
-        f"text encoder {t.effective_text_encoder_lr:g}); "
+        f"text encoder {'/'.join(f'{lr:g}' for lr in dict.fromkeys(t.text_encoder_lrs))}); "
         "never scaled automatically: it applies to the effective batch as given",
         *[f"              {w}" for w in warnings],
+        *[f"  lr group    {g}" for g in groups],
         *_scaling_rule(plan),
         f"  steps       {plan.total_steps} ({plan.steps_per_epoch} per epoch, {plan.epochs:.2f} epochs)",
         f"  precision   frozen weights {cfg.model.dtype}, mixed precision {t.mixed_precision}",

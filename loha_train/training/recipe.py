@@ -16,7 +16,7 @@ from loha_train.training.checkpoint import TrainState
 from loha_train.training.data_pipeline import build_data
 from loha_train.training.guards import check_launch, check_output_folder, refuse_sharded_engines, start_over
 from loha_train.training.metrics import MetricsLog
-from loha_train.training.optim import lr_warnings
+from loha_train.training.optim import format_groups, lr_warnings, param_groups
 from loha_train.training.plan import OutputPaths, Position, format_plan, make_plan
 from loha_train.training.progress import paused
 from loha_train.training.provenance import provenance
@@ -30,6 +30,7 @@ from loha_train.training.setup import (
     to_device,
 )
 from loha_train.training.signals import Interrupted, StopFlag, agreed_signal
+from loha_train.training.step import check_prediction_type
 
 
 def train(
@@ -66,8 +67,10 @@ def train(
     plan = make_plan(cfg, len(data.sampler), accelerator.num_processes, start)
     if main and saved is not None:
         warn_if_layout_changed(saved, plan)
+    check_prediction_type(cfg, bundle.prediction_type)
+    groups = format_groups(param_groups(cfg, network, bundle.family))  # a wrong lr_pattern stops a dry run too
     if main:
-        report = {"model": bundle.describe(), "adapters": network.report(), "data": data.summary}
+        report = {"model": bundle.describe(), "adapters": network.report(), "data": data.summary, "groups": groups}
         notes = (*data.notes, *init_from_notes(cfg, network))
         echo(format_plan(cfg, plan, paths, **report, warnings=lr_warnings(cfg), notes=notes))
     if dry_run:
@@ -108,9 +111,11 @@ def train(
                 loss = run.optimizer_step(group, batches)
                 epoch_ended = run.advance(group)
                 lr = lr_scheduler.get_last_lr()[0]
-                log.scalars(run.step, {"loss": loss, "lr": lr, "epoch": run.epoch})
+                log.scalars(run.step, {"loss": loss, "lr": lr, "epoch": run.epoch, **run.step_scalars()})
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", epoch=run.epoch)
+                progress.set_postfix(
+                    {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "epoch": run.epoch, **run.norm_postfix()}
+                )
 
                 if cfg.sample.prompts and (
                     _due(cfg.sample.every_n_steps, run.step)

@@ -24,7 +24,8 @@ _RESUME_IGNORED = {
 }
 # gradient_accumulation may change (the batch position is per micro-batch): with the number of processes it is
 # how a resumed run keeps its effective batch; warn_if_layout_changed warns when the effective batch changes.
-_RESUME_TRAIN = {"train.batch_size", "train.seed"}
+# train.lr_pattern decides the optimizer's parameter groups, whose saved state must fit them.
+_RESUME_TRAIN = {"train.batch_size", "train.seed", "train.lr_pattern"}
 
 
 def resume_settings(cfg: Config, pipeline: DataPipeline, base_hash: str) -> dict[str, Any]:
@@ -43,7 +44,7 @@ def resume_settings(cfg: Config, pipeline: DataPipeline, base_hash: str) -> dict
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
-        if isinstance(value, dict) and key not in {"rank_pattern", "alpha_pattern"}:
+        if isinstance(value, dict) and key not in {"rank_pattern", "alpha_pattern", "lr_pattern"}:
             out.update(_flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value

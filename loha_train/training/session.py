@@ -23,6 +23,7 @@ from loha_train.training.checkpoint import TrainState
 from loha_train.training.data_pipeline import DataPipeline
 from loha_train.training.grad_check import check_gradients_arrived
 from loha_train.training.guards import TrainingError
+from loha_train.training.max_norm import apply_max_norm
 from loha_train.training.metrics import MetricsLog
 from loha_train.training.plan import OutputPaths, RunPlan
 from loha_train.training.sampling import sample_now
@@ -57,6 +58,7 @@ class Session:
     last_checkpoint: int = -1  # step of the newest checkpoint this run can fall back to
     last_sampled: int = -1
     gradients_checked: bool = False  # the first backward of this process is checked once (grad_check.py)
+    norms: tuple[int, float, float] | None = None  # network.scale_weight_norms: (keys scaled, mean, max norm)
 
     def epoch_batches(self) -> Iterator[Any]:
         """This epoch's remaining micro-batches (consumed ones skipped after a resume)."""
@@ -87,9 +89,28 @@ class Session:
             if cfg.train.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(list(self.network.parameters()), cfg.train.max_grad_norm)
             self.optimizer.step()
+        if cfg.network.scale_weight_norms:
+            self.norms = apply_max_norm(self.network, cfg.network.scale_weight_norms)
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_value
+
+    def step_scalars(self) -> dict[str, float]:
+        """The last step's scalars beyond loss and lr: the lr of every parameter group when there are several, and
+        max-norm's counts under kohya's TensorBoard names."""
+        lrs = self.lr_scheduler.get_last_lr()
+        names = [g.get("name", str(i)) for i, g in enumerate(self.optimizer.param_groups)]
+        out = {f"lr/{name}": lr for name, lr in zip(names, lrs, strict=False)} if len(lrs) > 1 else {}
+        if self.norms is not None:
+            scaled, mean, largest = self.norms
+            out.update({"max_norm/keys_scaled": scaled, "norm/avg_key_norm": mean, "max_norm/max_key_norm": largest})
+        return out
+
+    def norm_postfix(self) -> dict[str, str]:
+        """max-norm's figures for the progress bar, as kohya shows them."""
+        if self.norms is None:
+            return {}
+        return {"Keys Scaled": str(self.norms[0]), "Average key norm": f"{self.norms[1]:.3g}"}
 
     def advance(self, group: int) -> bool:
         """Count a finished optimizer step of `group` micro-batches; True when it ended the epoch."""

@@ -79,7 +79,7 @@ def prepare_for_training(
     if cfg.train.compile:
         refuse_cpu_inductor(next(bundle.unet.parameters()).device)
         compile_model(bundle.unet)
-    optimizer, lr_scheduler = build_optimizer(cfg, network, total_steps)
+    optimizer, lr_scheduler = build_optimizer(cfg, network, total_steps, bundle.family)
     prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
     models, optimizer, lr_scheduler = list(prepared[: len(trained)]), prepared[-2], prepared[-1]
     checkpoint.register_adapter_hooks(accelerator, network)

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from loha_train.config import Config
+from loha_train.config import Config, ConfigError, ConfigProblem, TrainConfig
 from loha_train.data.common import non_finite_latents
 from loha_train.models.bundle import ModelBundle
 from loha_train.models.encode import encode_captions, sdxl_time_ids, vae_encode
+from loha_train.training.noise import draw_noise
 
 
 def seed_everything_for(seed: int, step: int, micro: int) -> None:
@@ -44,18 +46,15 @@ def micro_step(cfg: Config, bundle: ModelBundle, device: torch.device, batch: di
     """The diffusion loss of one micro-batch (noise, timesteps, target, weighting), averaged over samples."""
     latents = batch["latents"].to(device) if "latents" in batch else _encoded(bundle, batch)
     cond = conditioning(cfg, bundle, batch, device)
-    noise, timesteps = noise_and_timesteps(cfg, bundle, latents)
-    return diffusion_loss(cfg, bundle, latents, noise, timesteps, cond, batch["loss_weight"].to(device))
+    draw = draw_noise(cfg.train, latents, bundle.noise_scheduler.config.num_train_timesteps)
+    weight = batch["loss_weight"].to(device)
+    return diffusion_loss(cfg, bundle, latents, draw.noise, draw.timesteps, cond, weight, input_noise=draw.input_noise)
 
 
 def noise_and_timesteps(cfg: Config, bundle: ModelBundle, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gaussian noise (plus `train.noise_offset` per channel) and uniform timesteps, from the global RNG."""
-    noise = torch.randn_like(latents)
-    if cfg.train.noise_offset > 0:
-        noise = noise + cfg.train.noise_offset * torch.randn(*latents.shape[:2], 1, 1, device=latents.device)
-    steps = bundle.noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, steps, (latents.shape[0],), device=latents.device)
-    return noise, timesteps
+    """The loss target's noise and the timesteps, as a step draws them (noise.py) from the global RNG."""
+    draw = draw_noise(cfg.train, latents, bundle.noise_scheduler.config.num_train_timesteps)
+    return draw.noise, draw.timesteps
 
 
 def conditioning(cfg: Config, bundle: ModelBundle, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -86,18 +85,100 @@ def diffusion_loss(
     timesteps: torch.Tensor,
     cond: dict[str, Any],
     loss_weight: torch.Tensor,
+    *,
+    input_noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MSE between the UNet's prediction and the epsilon or v target, min-SNR and prior weighted."""
+    """`train.loss` between the UNet's prediction and the epsilon or v target, per element, averaged per sample,
+    then weighted per sample (prior loss weight, min-SNR, v-like scaling, debiased estimation) and averaged.
+
+    `input_noise` (default `noise`) makes the UNet's input; it differs from the target's noise by the input
+    perturbation (train.ip_noise_gamma), as in kohya.
+    """
     sched = bundle.noise_scheduler
-    noisy = sched.add_noise(latents, noise, timesteps)
+    noisy = sched.add_noise(latents, noise if input_noise is None else input_noise, timesteps)
     target = sched.get_velocity(latents, noise, timesteps) if bundle.prediction_type == "v_prediction" else noise
     unet_dtype = next(p for p in bundle.unet.parameters()).dtype
     hidden = cond["encoder_hidden_states"].to(unet_dtype)
     pred = bundle.unet(noisy.to(unet_dtype), timesteps, hidden, added_cond_kwargs=cond.get("added_cond_kwargs")).sample
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if cfg.train.min_snr_gamma:
-        loss = loss * min_snr_weight(sched, timesteps, cfg.train.min_snr_gamma, bundle.prediction_type)
-    return (loss * loss_weight).mean()
+    threshold = huber_threshold(cfg.train, sched, timesteps)
+    loss = elementwise_loss(pred.float(), target.float(), cfg.train.loss, threshold)
+    loss = loss.mean(dim=tuple(range(1, loss.ndim)))  # a per-element weight (a mask) would multiply in before this
+    return (loss * timestep_weight(cfg, sched, timesteps, bundle.prediction_type) * loss_weight).mean()
+
+
+def elementwise_loss(
+    pred: torch.Tensor, target: torch.Tensor, loss_type: str, threshold: torch.Tensor | None = None
+) -> torch.Tensor:
+    """kohya's `conditional_loss` without reduction: l2, l1, or the pseudo-Huber losses with a per-sample
+    threshold c (huber: 2c(sqrt(d^2 + c^2) - c); smooth_l1: 2(sqrt(d^2 + c^2) - c))."""
+    if loss_type == "l2":
+        return F.mse_loss(pred, target, reduction="none")
+    if loss_type == "l1":
+        return F.l1_loss(pred, target, reduction="none")
+    if threshold is None:
+        raise ValueError(f"loss {loss_type!r} needs a threshold")
+    c = threshold.view(-1, *([1] * (pred.ndim - 1)))
+    smooth = torch.sqrt((pred - target) ** 2 + c**2) - c
+    if loss_type == "huber":
+        return 2 * c * smooth
+    if loss_type == "smooth_l1":
+        return 2 * smooth
+    raise ValueError(f"unknown loss {loss_type!r}")
+
+
+def huber_threshold(train: TrainConfig, scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor | None:
+    """The pseudo-Huber threshold per sample (kohya's `get_huber_threshold_if_needed`); None for l2 and l1.
+
+    constant: huber_c x huber_scale; exponential: exp(-a t) x huber_scale with a = -ln(huber_c) / T (so c at
+    t = T); snr: (1 - huber_c) / (1 + sigma_t)^2 + huber_c with sigma_t = sqrt((1 - abar_t) / abar_t).
+    """
+    if train.loss not in ("huber", "smooth_l1"):
+        return None
+    if train.huber_schedule == "constant":
+        return torch.full(timesteps.shape, train.huber_c * train.huber_scale, device=timesteps.device)
+    if train.huber_schedule == "exponential":
+        a = -math.log(train.huber_c) / scheduler.config.num_train_timesteps
+        return torch.exp(-a * timesteps) * train.huber_scale
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    sigmas = ((1.0 - alphas) / alphas) ** 0.5
+    return (1 - train.huber_c) / (1 + sigmas) ** 2 + train.huber_c
+
+
+def timestep_weight(cfg: Config, scheduler: Any, timesteps: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """The per-sample loss weight from the timestep's SNR, in kohya's order: min-SNR-gamma, then the v-prediction
+    scaling like epsilon (SNR / (SNR + 1)), then debiased estimation (1 / sqrt(SNR); v: 1 / (SNR + 1)); the last
+    two cap SNR at 1000 as kohya does (t = 0 would be near infinite)."""
+    t = cfg.train
+    weight = torch.ones(timesteps.shape, device=timesteps.device)
+    if t.min_snr_gamma:
+        weight = weight * min_snr_weight(scheduler, timesteps, t.min_snr_gamma, prediction_type)
+    if not (t.scale_v_pred_loss_like_noise_pred or t.debiased_estimation):
+        return weight
+    capped = torch.clamp(snr(scheduler, timesteps), max=1000)
+    if t.scale_v_pred_loss_like_noise_pred:
+        weight = weight * capped / (capped + 1)
+    if t.debiased_estimation:
+        weight = weight * (1 / (capped + 1) if prediction_type == "v_prediction" else 1 / torch.sqrt(capped))
+    return weight
+
+
+def snr(scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio abar_t / (1 - abar_t) of each timestep."""
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    return alphas / (1 - alphas)
+
+
+def check_prediction_type(cfg: Config, prediction_type: str) -> None:
+    """train.scale_v_pred_loss_like_noise_pred on a model found to predict epsilon: a ConfigError, as kohya refuses."""
+    if cfg.train.scale_v_pred_loss_like_noise_pred and prediction_type != "v_prediction":
+        raise ConfigError(
+            [
+                ConfigProblem(
+                    "train.scale_v_pred_loss_like_noise_pred",
+                    f"needs a v-prediction model; this one predicts {prediction_type}",
+                )
+            ]
+        )
 
 
 def min_snr_weight(scheduler: Any, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
