@@ -107,13 +107,13 @@ def test_scheduler_options_shape_the_schedule_as_diffusers_does(tmp_path: Path, 
 
     from loha_train.training.optim import build_optimizer
 
-    class OneTensor:  # the part of LoHaNetwork build_optimizer reads
-        def parameters(self, component: str) -> list[torch.nn.Parameter]:
-            return [torch.nn.Parameter(torch.zeros(2))] if component == "unet" else []
+    from loha_train.loha.inject import LoHaNetwork
+    from loha_train.loha.layers import LoHaLinear
 
+    one = LoHaNetwork({"m": LoHaLinear(torch.nn.Linear(2, 2), 1, 1.0)}, {"m": "unet.m"}, {"m": "unet"})
     steps = 40
     cfg = config(tmp_path, scheduler=name, warmup_steps=5, lr=1e-3, **sets)
-    _, ours = build_optimizer(cfg, OneTensor(), steps)  # type: ignore[arg-type]
+    _, ours = build_optimizer(cfg, one, steps)
     reference_opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
     kwargs = {"num_cycles": sets.get("lr_scheduler_num_cycles", 1), "power": sets.get("lr_scheduler_power", 1.0)}
     reference = get_scheduler(name, reference_opt, num_warmup_steps=5, num_training_steps=steps, **kwargs)
