@@ -257,6 +257,8 @@ RANGE_ERRORS = [
     ({"sample.seed": -5}, "sample.seed", "must be >= 0"),
     ({"sample.every_n_steps": 0, "sample.prompts": ["a"]}, "sample.every_n_steps", "must be >= 1"),
     ({"sample.every_n_epochs": 0, "sample.prompts": ["a"]}, "sample.every_n_epochs", "must be >= 1"),
+    ({"sample.guidance_rescale": 1.5}, "sample.guidance_rescale", "must be in [0, 1], got 1.5"),
+    ({"logging.wandb": {"project": " "}}, "logging.wandb.project", "a non-empty project name"),
     ({"output.name": "runs/loha"}, "output.name", "without /"),
     ({"output.save_adapter_every_steps": 0}, "output.save_adapter_every_steps", "must be >= 1"),
 ]
@@ -273,7 +275,8 @@ CONTRADICTIONS = [
     ({"network.train_unet": False}, "network.train_unet", "nothing to train"),
     ({"network.preset": "none"}, "network.targets", "at least one"),
     ({"data.random_crop": True}, "data.random_crop", "set data.cache_latents: none"),
-    ({"data.flip": True, "data.cache_latents": "memory"}, "data.flip", "augmentation would be frozen"),
+    ({"data.random_crop": True, "data.cache_latents": "memory"}, "data.random_crop", "random crop would be frozen"),
+    ({"data.alpha_mask": True, "data.mask_path": "masks"}, "data.mask_path", "not both"),
     ({"model.dtype": "fp16"}, "model.dtype", "need train.mixed_precision: fp16"),
     ({"data.resolution": 2048}, "data.bucket_max_side", "must be >= data.resolution (2048) when bucketing, got 1024"),
     ({"data.resolution": 128}, "data.bucket_min_side", "must be <= data.resolution (128) when bucketing, got 256"),
@@ -343,7 +346,7 @@ def test_several_problems_are_reported_together(tmp_path: Path) -> None:
         """
 model: {path: builtin:tiny-sd, clip_skip: 0}
 network: {rank: 0, alpah: 2}
-data: {path: builtin:shapes, flip: true}
+data: {path: builtin:shapes, random_crop: true}
 train: {lr: fast, epochs: 1}
 output: {dir: out}
 """,
@@ -355,7 +358,7 @@ output: {dir: out}
         "model.clip_skip",
         "network.alpah",
         "network.rank",
-        "data.flip",
+        "data.random_crop",
         "train.lr",
         "sample.every_n_steps",
     }

@@ -45,7 +45,8 @@ def micro_step(cfg: Config, bundle: ModelBundle, device: torch.device, batch: di
     latents = batch["latents"].to(device) if "latents" in batch else _encoded(bundle, batch)
     cond = conditioning(cfg, bundle, batch, device)
     noise, timesteps = noise_and_timesteps(cfg, bundle, latents)
-    return diffusion_loss(cfg, bundle, latents, noise, timesteps, cond, batch["loss_weight"].to(device))
+    mask = batch["loss_mask"].to(device) if "loss_mask" in batch else None
+    return diffusion_loss(cfg, bundle, latents, noise, timesteps, cond, batch["loss_weight"].to(device), mask)
 
 
 def noise_and_timesteps(cfg: Config, bundle: ModelBundle, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,18 +87,30 @@ def diffusion_loss(
     timesteps: torch.Tensor,
     cond: dict[str, Any],
     loss_weight: torch.Tensor,
+    loss_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MSE between the UNet's prediction and the epsilon or v target, min-SNR and prior weighted."""
+    """MSE between the UNet's prediction and the epsilon or v target, masked, min-SNR and prior weighted."""
     sched = bundle.noise_scheduler
     noisy = sched.add_noise(latents, noise, timesteps)
     target = sched.get_velocity(latents, noise, timesteps) if bundle.prediction_type == "v_prediction" else noise
     unet_dtype = next(p for p in bundle.unet.parameters()).dtype
     hidden = cond["encoder_hidden_states"].to(unet_dtype)
     pred = bundle.unet(noisy.to(unet_dtype), timesteps, hidden, added_cond_kwargs=cond.get("added_cond_kwargs")).sample
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+    if loss_mask is not None:
+        loss = apply_loss_mask(loss, loss_mask)
+    loss = loss.mean(dim=(1, 2, 3))
     if cfg.train.min_snr_gamma:
         loss = loss * min_snr_weight(sched, timesteps, cfg.train.min_snr_gamma, bundle.prediction_type)
     return (loss * loss_weight).mean()
+
+
+def apply_loss_mask(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """kohya's masked loss: the per-element loss (B, C, h, w) times the mask (B, 1, H, W) in [0, 1], area-resampled
+    to the latent grid. The caller then averages over every element, as kohya does (not over the mask's area), so
+    a half-masked image contributes half the loss of an unmasked one."""
+    mask = F.interpolate(mask.to(loss.dtype), size=loss.shape[2:], mode="area")
+    return loss * mask
 
 
 def min_snr_weight(scheduler: Any, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
