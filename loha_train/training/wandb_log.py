@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ class WandbSink:
         assert settings is not None
         (log_dir / "wandb").mkdir(parents=True, exist_ok=True)
         id_file = log_dir / "wandb" / RUN_ID_FILE
-        run_id = id_file.read_text().strip() if start_step and id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if start_step and id_file.is_file() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id + "\n", encoding="utf-8")
         self._wandb = wandb
         self.run: Any = wandb.init(
