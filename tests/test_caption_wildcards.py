@@ -61,6 +61,10 @@ def test_caption_dropout_comes_first() -> None:
     config = cfg(caption_dropout=0.5)
     seen = draws("{a|b}", config)
     assert set(seen) == {"", "a", "b"} and 120 < seen[""] < 280
+    for slot in range(50):  # the draws in kohya's order: the dropout coin, then (if kept) the group's option
+        reference = caption_rng(7, 0, slot)
+        want = "" if reference.random() < 0.5 else ("a", "b")[int(reference.integers(2))]
+        assert process_caption("{a|b}", config, caption_rng(7, 0, slot)) == want
 
 
 def test_wildcard_captions_are_not_text_cached() -> None:
