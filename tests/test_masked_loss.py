@@ -124,6 +124,9 @@ def test_mask_folder_masks_use_the_red_channel_and_missing_ones_are_an_error(tmp
     index = check_images(scan_dataset(cfg), skip_bad=False).index
     with pytest.raises(DataError, match=r"no mask in .* for 1 image\(s\): 1\.jpg"):
         mask_source(cfg, index.train)
+    # a validation image without a mask is fine (it weighs 1); one with a mask uses it
+    lenient = mask_source(cfg, index.train[:1], optional=index.train[1:])
+    assert lenient is not None and lenient.with_mask == {index.train[0].key}
     Image.fromarray(mask).save(masks / "1.png")
     source = mask_source(cfg, index.train)
     assert source is not None and source.summary(index.train).endswith("2 image(s) with a mask, 0 without")

@@ -81,15 +81,19 @@ def crop_mask(mask: Image.Image, plan: CropPlan, where: Path) -> torch.Tensor:
     return torch.from_numpy(np.asarray(mask, dtype=np.uint8).copy())
 
 
-def mask_source(cfg: DataConfig, items: Sequence[ImageItem]) -> MaskSource | None:
-    """The masks of `items` for data.alpha_mask / data.mask_path (None when masked loss is off).
+def mask_source(
+    cfg: DataConfig, items: Sequence[ImageItem], optional: Sequence[ImageItem] = ()
+) -> MaskSource | None:
+    """The masks of `items` (and of `optional`, e.g. validation images) for data.alpha_mask / data.mask_path;
+    None when masked loss is off.
 
-    With data.mask_path every non-regularization image needs a mask file with its file stem (any image
+    With data.mask_path every non-regularization image of `items` needs a mask file with its file stem (any image
     extension) in that folder, as kohya requires a conditioning image for each; missing ones are one DataError
-    naming them. Regularization images train without a mask.
+    naming them. Regularization images train without a mask, and `optional` images without one weigh 1.
     """
     if cfg.alpha_mask:
-        return MaskSource(True, {}, frozenset(item.key for item in items if has_alpha(item.path)))
+        everything = (*items, *optional)
+        return MaskSource(True, {}, frozenset(item.key for item in everything if has_alpha(item.path)))
     if cfg.mask_path is None:
         return None
     folder = Path(cfg.mask_path)
@@ -107,6 +111,7 @@ def mask_source(cfg: DataConfig, items: Sequence[ImageItem]) -> MaskSource | Non
             files[item.key] = by_stem[item.path.stem]
         else:
             missing.append(item.path.name)
+    files |= {item.key: by_stem[item.path.stem] for item in optional if item.path.stem in by_stem}
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise DataError(

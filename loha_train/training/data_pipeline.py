@@ -59,7 +59,7 @@ def build_data(cfg: Config, bundle: ModelBundle, accelerator: Any, *, encode: bo
     with counter("checking images", enabled=accelerator.is_main_process) as progress:
         report = data.check_images(index, skip_bad=data_cfg.skip_bad_images, progress=progress)
     index = report.index
-    masks = mask_source(data_cfg, index.train + index.reg + index.validation)
+    masks = mask_source(data_cfg, index.train + index.reg, optional=index.validation)
     latents = _latent_cache(cfg, data_cfg, bundle, masks) if data_cfg.cache_latents != "none" else None
     text_id = f"{_identity(cfg, 'text')}|tokens {cfg.model.max_token_length}"
     text = data.TextEmbeddingCache(text_id, cfg.model.clip_skip) if _can_cache_text(cfg) else None
