@@ -268,6 +268,8 @@ RANGE_ERRORS = [
     ({"train.max_timestep": 0}, "train.max_timestep", "must be in [1, 1000]"),
     ({"train.huber_c": 0}, "train.huber_c", "must be in (0, 1]"),
     ({"train.huber_scale": 0}, "train.huber_scale", "must be > 0"),
+    ({"sample.guidance_rescale": 1.5}, "sample.guidance_rescale", "must be in [0, 1], got 1.5"),
+    ({"logging.wandb": {"project": " "}}, "logging.wandb.project", "a non-empty project name"),
     ({"output.name": "runs/loha"}, "output.name", "without /"),
     ({"output.save_adapter_every_steps": 0}, "output.save_adapter_every_steps", "must be >= 1"),
 ]
@@ -284,7 +286,8 @@ CONTRADICTIONS = [
     ({"network.train_unet": False}, "network.train_unet", "nothing to train"),
     ({"network.preset": "none"}, "network.targets", "at least one"),
     ({"data.random_crop": True}, "data.random_crop", "set data.cache_latents: none"),
-    ({"data.flip": True, "data.cache_latents": "memory"}, "data.flip", "augmentation would be frozen"),
+    ({"data.random_crop": True, "data.cache_latents": "memory"}, "data.random_crop", "random crop would be frozen"),
+    ({"data.alpha_mask": True, "data.mask_path": "masks"}, "data.mask_path", "not both"),
     ({"model.dtype": "fp16"}, "model.dtype", "need train.mixed_precision: fp16"),
     ({"data.resolution": 2048}, "data.bucket_max_side", "must be >= data.resolution (2048) when bucketing, got 1024"),
     ({"data.resolution": 128}, "data.bucket_min_side", "must be <= data.resolution (128) when bucketing, got 256"),
@@ -365,7 +368,7 @@ def test_several_problems_are_reported_together(tmp_path: Path) -> None:
         """
 model: {path: builtin:tiny-sd, clip_skip: 0}
 network: {rank: 0, alpah: 2}
-data: {path: builtin:shapes, flip: true}
+data: {path: builtin:shapes, random_crop: true}
 train: {lr: fast, epochs: 1}
 output: {dir: out}
 """,
@@ -377,7 +380,7 @@ output: {dir: out}
         "model.clip_skip",
         "network.alpah",
         "network.rank",
-        "data.flip",
+        "data.random_crop",
         "train.lr",
         "sample.every_n_steps",
     }

@@ -352,11 +352,13 @@ def to_plain(obj: Any) -> Any:
 
 
 def iter_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, type, dataclasses.Field[Any]]]:
-    """(dotted key, owning class, field) for every field below `cls` but the sections; list items as `key[]`."""
+    """(dotted key, owning class, field) for every field below `cls` but the sections; list items as `key[]`;
+    an optional nested mapping (`X | None`, e.g. logging.wandb) has a row of its own as well as its fields'."""
     for f in fields(cls):
         key = _join(prefix, f.name)
-        inner, suffix = _unwrap(type_hints(cls)[f.name])
-        if not is_dataclass(inner) or suffix:
+        tp = type_hints(cls)[f.name]
+        inner, suffix = _unwrap(tp)
+        if not is_dataclass(inner) or suffix or inner is not tp:
             yield key, cls, f
         if is_dataclass(inner):
             yield from iter_fields(inner, key + suffix)

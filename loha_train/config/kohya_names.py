@@ -40,6 +40,9 @@ KOHYA_NAMES: dict[str, str] = {
     "cache_text_encoder_outputs": "data.cache_text_embeddings",
     "max_data_loader_n_workers": "data.num_workers",
     "validation_split": "data.validation_split",
+    "enable_wildcard": "data.caption_wildcards",
+    "alpha_mask": "data.alpha_mask",
+    "conditioning_data_dir": "data.mask_path",
     "max_train_steps": "train.max_steps",
     "max_train_epochs": "train.epochs",
     "train_batch_size": "train.batch_size",
@@ -80,6 +83,8 @@ KOHYA_NAMES: dict[str, str] = {
     "sample_every_n_steps": "sample.every_n_steps",
     "sample_every_n_epochs": "sample.every_n_epochs",
     "sample_at_first": "sample.at_start",
+    "sample_prompts": "sample.prompts_file",
+    "wandb_run_name": "logging.wandb.run_name",
 }
 
 

@@ -115,6 +115,8 @@ FIELD_RULES: dict[str, FieldRule] = {
     "sample.guidance": _NON_NEGATIVE,
     "sample.seed": _NON_NEGATIVE,
     "sample.every_n_steps": _AT_LEAST_1,
+    "sample.guidance_rescale": _must(lambda v: 0 <= v <= 1, "in [0, 1]", "diffusers blends the rescaled CFG by it"),
+    "logging.wandb.project": _must(lambda v: bool(v.strip()), "a non-empty project name"),
     "sample.every_n_epochs": _AT_LEAST_1,
     "output.name": _FILE_STEM,
     "output.save_adapter_every_steps": _AT_LEAST_1,
@@ -133,7 +135,8 @@ class _Rule:
 
 
 _NO_LATENT_CACHE = (
-    "latents are cached once per image, so the augmentation would be frozen; set data.cache_latents: none"
+    "latents are cached once per image, so the random crop would be frozen; set data.cache_latents: none "
+    "(data.flip works with cached latents: both orientations are cached)"
 )
 
 RULES: tuple[_Rule, ...] = (
@@ -183,7 +186,11 @@ RULES: tuple[_Rule, ...] = (
         "with network.preset: none, list at least one module regex in network.targets",
     ),
     _Rule("data.random_crop", lambda data: data.random_crop and data.cache_latents != "none", _NO_LATENT_CACHE),
-    _Rule("data.flip", lambda data: data.flip and data.cache_latents != "none", _NO_LATENT_CACHE),
+    _Rule(
+        "data.mask_path",
+        lambda data: data.mask_path is not None and data.alpha_mask,
+        "give data.mask_path or data.alpha_mask, not both (each image's mask comes from one of them)",
+    ),
     _Rule(
         "model.dtype",
         lambda model, train: model.dtype != "fp32" and train.mixed_precision != model.dtype,

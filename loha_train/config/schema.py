@@ -11,6 +11,7 @@ from typing import Any, Literal
 from loha_train.config.check import INVALID, Builder, Schema, to_plain
 from loha_train.config.errors import ConfigError, ConfigProblem
 from loha_train.config.fs import write_problem
+from loha_train.config.prompts_file import read_prompts_file
 from loha_train.config.rules import FIELD_RULES, rule_problems
 from loha_train.config.yaml_io import dump_yaml, parse_yaml, read_config_text
 
@@ -91,6 +92,7 @@ class DataConfig:
     caption_separator: str = ","  # tag separator for shuffling and tag dropout
     caption_dropout: float = 0.0  # probability of an empty caption for a sample
     tag_dropout: float = 0.0  # probability of dropping each (non-kept) tag
+    caption_wildcards: bool = False  # `{a|b|c}` in a caption: one option drawn per step (kohya's enable_wildcard)
     resolution: int = 512  # training side length in pixels (multiple of 8); buckets hold about resolution^2
     bucketing: bool = True  # aspect-ratio buckets; off: resize and center-crop to a square
     bucket_min_side: int = 256  # smallest bucket side
@@ -98,7 +100,7 @@ class DataConfig:
     bucket_step: int = 64  # bucket sides are multiples of this
     bucket_no_upscale: bool = True  # never upscale an image to reach a bucket
     random_crop: bool = False  # random instead of center crop (incompatible with latent caching)
-    flip: bool = False  # random horizontal flip (incompatible with latent caching)
+    flip: bool = False  # random horizontal flip (with cached latents both orientations are cached)
     max_aspect_ratio: float = 8.0  # refuse images whose long side is over this times the short side
     reg_path: str | None = None  # regularization (class) images, DreamBooth style
     reg_repeats: int = 1  # repeats for regularization images
@@ -109,6 +111,8 @@ class DataConfig:
     validation_path: str | None = None  # held-out images for a validation loss
     validation_split: float = 0.0  # or hold out this fraction of the training images
     skip_bad_images: bool = False  # warn and skip unreadable images instead of stopping
+    alpha_mask: bool = False  # masked loss: weight the loss by each image's alpha channel (kohya's alpha_mask)
+    mask_path: str | None = None  # masked loss: folder of mask images named like the images (white = trained)
 
 
 @dataclass(frozen=True)
@@ -206,6 +210,8 @@ class SampleConfig:
     every_n_steps: int | None = None  # sample every N optimizer steps
     every_n_epochs: int | None = None  # sample at the end of every N epochs
     at_start: bool = True  # sample before the first step (the untrained baseline)
+    prompts_file: str | None = None  # kohya prompt file: one prompt per line with --n --w --h --s --l --d, # comments
+    guidance_rescale: float | None = None  # diffusers' CFG rescale; default 0.7 with zero_terminal_snr, else 0
 
 
 @dataclass(frozen=True)
@@ -225,6 +231,23 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class WandbConfig:
+    """`logging.wandb:` log to Weights & Biases as well (pip install "loha-train[wandb]")."""
+
+    project: str  # the W&B project
+    run_name: str | None = None  # the run's name; default: output.name
+    tags: tuple[str, ...] = ()  # tags on the run
+    entity: str | None = None  # team or user; default: your W&B default entity
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """`logging:` where metrics go besides TensorBoard and logs/metrics.jsonl."""
+
+    wandb: WandbConfig | None = None  # Weights & Biases (WANDB_MODE=offline works without an account)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole run."""
 
@@ -234,6 +257,7 @@ class Config:
     train: TrainConfig
     output: OutputConfig
     sample: SampleConfig = field(default_factory=SampleConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def resolved_prompts(cfg: Config) -> tuple[SamplePrompt, ...]:
@@ -268,6 +292,8 @@ _INPUT_PATHS = (
     "data.path",
     "data.reg_path",
     "data.validation_path",
+    "data.mask_path",
+    "sample.prompts_file",
 )
 _OUTPUT_PATHS = ("output.dir",)
 
@@ -335,10 +361,26 @@ def config_from_dict(
     problems = builder.problems
     if check_paths:
         problems.extend(_path_problems(sections, raw))
+    sections = _with_prompts_file(sections, problems)
     problems.extend(rule_problems(sections))
     if problems:
         raise ConfigError(problems, source)
     return Config(**sections)
+
+
+def _with_prompts_file(sections: dict[str, Any], problems: list[ConfigProblem]) -> dict[str, Any]:
+    """`sample.prompts_file` read into `sample.prompts` (after the inline ones) and cleared, so the run's saved
+    config.yaml lists every prompt it sampled and reads back to an equal Config."""
+    sample = sections.get("sample", INVALID)
+    if sample is INVALID or sample.prompts_file is None or not os.path.exists(sample.prompts_file):
+        return sections  # a missing file is reported with the other paths
+    try:
+        lines = read_prompts_file(sample.prompts_file)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        problems.append(ConfigProblem("sample.prompts_file", f"{sample.prompts_file}: {e}"))
+        return sections
+    read = tuple(SamplePrompt(**fields) for _, fields in lines)
+    return {**sections, "sample": replace(sample, prompts=sample.prompts + read, prompts_file=None)}
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from loha_train.config import DataConfig
 from loha_train.data.buckets import CropPlan, load_pixels
 from loha_train.data.captions import captions_vary
 from loha_train.data.common import DataError, non_finite_latents, sha256_file
+from loha_train.data.masks import MaskSource
 from loha_train.data.scan import ImageItem
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,8 @@ class LatentCache:
     The key hashes: the VAE identity string the caller passes (e.g. a hash of its weights and config),
     the image file's SHA-256 (content, not mtime: an edited image re-encodes, a moved one does not), the
     original, resized and target sizes, the crop position, the flip and the dtype. Stale entries are
-    left on disk (harmless, never matched).
+    left on disk (harmless, never matched). With `masks` (masked loss) an entry also holds the image's loss
+    mask under the same crop (`mask`, uint8 at pixel size), and the key covers the mask's source.
     """
 
     def __init__(
@@ -109,10 +111,12 @@ class LatentCache:
         vae_id: str,
         cache_dir: Path | None = None,
         dtype: torch.dtype = torch.float32,
+        masks: MaskSource | None = None,
     ) -> None:
         self._store = _TensorStore(mode, cache_dir)
         self.vae_id = vae_id
         self.dtype = dtype
+        self.masks = masks
         self._keys: dict[tuple[Path, CropPlan], str] = {}
 
     @property
@@ -127,7 +131,8 @@ class LatentCache:
         return self._keys[memo]
 
     def _description(self, item: ImageItem, plan: CropPlan) -> dict[str, object]:
-        return {
+        mask = self.masks.identity(item) if self.masks is not None else None
+        return ({"mask": mask} if mask is not None else {}) | {
             "format": CACHE_FORMAT,
             "kind": "latents",
             "vae": self.vae_id,
@@ -190,44 +195,53 @@ class LatentCache:
             item, plan = todo[key]
             if not torch.isfinite(latent).all():
                 raise non_finite_latents(str(item.path))
-            self._store.save(key, {"latents": latent.to(self.dtype)}, self._description(item, plan))
+            tensors = {"latents": latent.to(self.dtype)}
+            mask = self.masks.load(item, plan) if self.masks is not None else None
+            if mask is not None:
+                tensors["mask"] = mask
+            self._store.save(key, tensors, self._description(item, plan))
 
-    def export(self, entries: Iterable[tuple[ImageItem, CropPlan]]) -> dict[str, torch.Tensor]:
-        """The cached latents of `entries` by key, to hand to another process's cache with `absorb`."""
+    def export(self, entries: Iterable[tuple[ImageItem, CropPlan]]) -> dict[str, dict[str, torch.Tensor]]:
+        """The cached tensors (latents, and mask if any) of `entries` by key, for another process's `absorb`."""
         out = {}
         for item, plan in entries:
             key = self.key(item, plan)
             tensors = self._store.load(key)
             if tensors is not None:
-                out[key] = tensors["latents"]
+                out[key] = tensors
         return out
 
-    def absorb(self, latents: dict[str, torch.Tensor]) -> int:
-        """Add latents another process encoded (from its `export`) that this cache lacks; returns how many."""
+    def absorb(self, entries: dict[str, dict[str, torch.Tensor]]) -> int:
+        """Add entries another process encoded (from its `export`) that this cache lacks; returns how many."""
         added = 0
-        for key, latent in latents.items():
+        for key, tensors in entries.items():
             if not self._store.has(key):
-                self._store.save(key, {"latents": latent.to(self.dtype)}, {"key": key, "shared": True})
+                tensors = {**tensors, "latents": tensors["latents"].to(self.dtype)}
+                self._store.save(key, tensors, {"key": key, "shared": True})
                 added += 1
         return added
 
     def get(self, item: ImageItem, plan: CropPlan) -> torch.Tensor:
         """The cached latents (C, h, w) of `item` under `plan`; DataError if `prepare` did not cover it."""
+        return self.entry(item, plan)["latents"]
+
+    def entry(self, item: ImageItem, plan: CropPlan) -> dict[str, torch.Tensor]:
+        """`latents` (C, h, w) and, for a masked image, `mask` (H, W) uint8 of `item` under `plan`."""
         tensors = self._store.load(self.key(item, plan))
         if tensors is None:
             raise DataError(
                 f"{item.path}: no cached latents for this crop; the latent cache was not prepared for it "
-                "(random crop and flip need data.cache_latents: none) or its file was removed during the run"
+                "(random crop needs data.cache_latents: none) or its file was removed during the run"
             )
-        return tensors["latents"]
+        return tensors
 
 
 def fixed_captions(items: Iterable[ImageItem], cfg: DataConfig) -> list[str]:
     """Every caption training can use when captions are fixed: each item's, plus "" for caption dropout."""
     if captions_vary(cfg):
         raise DataError(
-            "text embeddings can only be cached for fixed captions: turn off data.shuffle_captions and "
-            "data.tag_dropout, or set data.cache_text_embeddings: false"
+            "text embeddings can only be cached for fixed captions: turn off data.shuffle_captions, "
+            "data.tag_dropout and data.caption_wildcards, or set data.cache_text_embeddings: false"
         )
     captions = {item.caption for item in items}
     if cfg.caption_dropout > 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from loha_train.data.caches import LatentCache, TextEmbeddingCache
 from loha_train.data.captions import caption_rng, process_caption
 from loha_train.data.check import read_image_size
 from loha_train.data.common import DataError, derive_rng
+from loha_train.data.masks import MaskSource
 from loha_train.data.sampler import SampleRef
 from loha_train.data.scan import ImageItem
 
@@ -35,9 +37,10 @@ def plan_crops(items: Sequence[ImageItem], cfg: DataConfig) -> tuple[CropPlan, .
 class ImageDataset(Dataset):
     """Samples for SampleRefs: the step's caption, latents (cached) or pixels, and SDXL size conditioning.
 
-    `augment` True (training): captions go through `process_caption`, and random_crop/flip apply when
-    latents are not cached, all seeded by (seed, epoch, slot). `augment` False (validation): captions and
-    crops are used as they are. With `latents` the crop plan must be fixed (no random crop or flip).
+    `augment` True (training): captions go through `process_caption`, and random_crop/flip apply, all seeded
+    by (seed, epoch, slot). `augment` False (validation): captions and crops are used as they are. With
+    `latents` there is no random crop; flip picks the cached mirrored latents (both orientations are cached, as
+    kohya caches `latents_flipped`). With `masks` each sample carries its loss mask under the same crop and flip.
     """
 
     def __init__(
@@ -49,6 +52,7 @@ class ImageDataset(Dataset):
         augment: bool = True,
         latents: LatentCache | None = None,
         text: TextEmbeddingCache | None = None,
+        masks: MaskSource | None = None,
     ) -> None:
         self.items = tuple(items)
         self.cfg = cfg
@@ -56,9 +60,10 @@ class ImageDataset(Dataset):
         self.augment = augment
         self.latents = latents
         self.text = text
+        self.masks = masks
         self.plans = plan_crops(self.items, cfg)
-        if latents is not None and augment and (cfg.random_crop or cfg.flip):
-            raise DataError("data.random_crop and data.flip need data.cache_latents: none")
+        if latents is not None and augment and cfg.random_crop:
+            raise DataError("data.random_crop needs data.cache_latents: none")
 
     @property
     def buckets(self) -> tuple[tuple[int, int], ...]:
@@ -66,8 +71,11 @@ class ImageDataset(Dataset):
         return tuple(plan.target for plan in self.plans)
 
     def cache_entries(self) -> list[tuple[ImageItem, CropPlan]]:
-        """(item, plan) pairs for LatentCache.prepare."""
-        return list(zip(self.items, self.plans, strict=True))
+        """(item, plan) pairs for LatentCache.prepare: with flip (training) each plan and its mirror."""
+        entries = list(zip(self.items, self.plans, strict=True))
+        if self.augment and self.cfg.flip:
+            entries += [(item, replace(plan, flip=True)) for item, plan in entries]
+        return entries
 
     def __len__(self) -> int:
         return len(self.items)
@@ -89,10 +97,15 @@ class ImageDataset(Dataset):
             "crop_top_left": plan.crop_top_left,
             "target_size": (plan.target[1], plan.target[0]),
         }
+        mask = None
         if self.latents is not None:
-            sample["latents"] = self.latents.get(item, plan)
+            cached = self.latents.entry(item, plan)
+            sample["latents"], mask = cached["latents"], cached.get("mask")
         else:
             sample["pixels"] = load_pixels(item.path, plan)
+            mask = self.masks.load(item, plan) if self.masks is not None else None
+        if self.masks is not None:
+            sample["mask"] = mask  # None: this image has no mask (weighs 1 everywhere)
         if self.text is not None:
             sample["text_embeddings"] = self.text.get(caption)
         return sample
@@ -103,8 +116,9 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
     Returns `latents` (B, C, h, w) or `pixels` (B, 3, H, W) in [-1, 1]; `captions` (list of B str);
     `keys` (list of B item keys); `is_reg` (B,) bool; `loss_weight` (B,) float32; `original_size`,
-    `crop_top_left`, `target_size` (B, 2) int64 in SDXL's (height, width) / (top, left) order; and
-    `text_embeddings` (dict of stacked tensors) when a text cache is used.
+    `crop_top_left`, `target_size` (B, 2) int64 in SDXL's (height, width) / (top, left) order;
+    `text_embeddings` (dict of stacked tensors) when a text cache is used; and with masked loss `loss_mask`
+    (B, 1, H, W) float32 in [0, 1] at pixel size, ones for images without a mask (kohya fills them so too).
     """
     batch: dict[str, Any] = {
         "keys": [s["key"] for s in samples],
@@ -117,6 +131,12 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     for name in ("latents", "pixels"):
         if name in samples[0]:
             batch[name] = torch.stack([s[name] for s in samples])
+    if "mask" in samples[0]:
+        height, width = (int(v) for v in samples[0]["target_size"])
+        masks = [
+            torch.full((height, width), 255, dtype=torch.uint8) if s["mask"] is None else s["mask"] for s in samples
+        ]
+        batch["loss_mask"] = torch.stack(masks).unsqueeze(1).float().div_(255.0)
     if "text_embeddings" in samples[0]:
         names = samples[0]["text_embeddings"]
         batch["text_embeddings"] = {n: torch.stack([s["text_embeddings"][n] for s in samples]) for n in names}

@@ -180,6 +180,8 @@ def _kohya(
         "ss_flip_aug": data["flip"],
         "ss_random_crop": data["random_crop"],
         "ss_cache_latents": data["cache_latents"] != "none",
+        # kohya's --masked_loss: the loss was weighted by per-image masks (alpha channel or mask images)
+        "ss_masked_loss": bool(data.get("alpha_mask") or data.get("mask_path")),
     }
     if "steps_per_epoch" in plan:
         out["ss_num_batches_per_epoch"] = int(plan["steps_per_epoch"]) * int(train["gradient_accumulation"])

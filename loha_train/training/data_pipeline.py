@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from loha_train import data
 from loha_train.config import Config, DataConfig
 from loha_train.config.fs import write_problem
+from loha_train.data.masks import MaskSource, mask_source
 from loha_train.models import builtin
 from loha_train.models.bundle import ModelBundle
 from loha_train.models.detect import model_hash
@@ -58,13 +59,14 @@ def build_data(cfg: Config, bundle: ModelBundle, accelerator: Any, *, encode: bo
     with counter("checking images", enabled=accelerator.is_main_process) as progress:
         report = data.check_images(index, skip_bad=data_cfg.skip_bad_images, progress=progress)
     index = report.index
-    latents = _latent_cache(cfg, data_cfg, bundle) if data_cfg.cache_latents != "none" else None
+    masks = mask_source(data_cfg, index.train + index.reg, optional=index.validation)
+    latents = _latent_cache(cfg, data_cfg, bundle, masks) if data_cfg.cache_latents != "none" else None
     text_id = f"{_identity(cfg, 'text')}|tokens {cfg.model.max_token_length}"
     text = data.TextEmbeddingCache(text_id, cfg.model.clip_skip) if _can_cache_text(cfg) else None
     train_items = index.train + index.reg
-    dataset = data.ImageDataset(train_items, data_cfg, seed, latents=latents, text=text)
+    dataset = data.ImageDataset(train_items, data_cfg, seed, latents=latents, text=text, masks=masks)
     validation = (
-        data.ImageDataset(index.validation, data_cfg, seed, augment=False, latents=latents, text=text)
+        data.ImageDataset(index.validation, data_cfg, seed, augment=False, latents=latents, text=text, masks=masks)
         if index.validation
         else None
     )
@@ -90,6 +92,7 @@ def build_data(cfg: Config, bundle: ModelBundle, accelerator: Any, *, encode: bo
         f"{len(index.validation)} validation; {len(set(dataset.buckets))} bucket(s); "
         f"{sampler.samples_per_epoch} samples per epoch"
         + _small_images(dataset, data_cfg)
+        + (masks.summary(train_items) if masks is not None else "")
         + (f"; {len(report.problems)} bad file(s) skipped" if report.problems else "")
     )
     fingerprint = data.dataset_fingerprint(index)
@@ -143,9 +146,10 @@ def latent_identity(cfg: Config, bundle: ModelBundle) -> str:
     return f"{_identity(cfg, 'vae')}|{str(bundle.vae.dtype).removeprefix('torch.')}|mode"
 
 
-def _latent_cache(cfg: Config, data_cfg: DataConfig, bundle: ModelBundle) -> data.LatentCache:
+def _latent_cache(cfg: Config, data_cfg: DataConfig, bundle: ModelBundle, masks: MaskSource | None) -> data.LatentCache:
     folder = latent_cache_folder(data_cfg.path) if data_cfg.cache_latents == "disk" else None
-    return data.LatentCache(data_cfg.cache_latents, latent_identity(cfg, bundle), folder)  # type: ignore[arg-type]
+    mode = data_cfg.cache_latents
+    return data.LatentCache(mode, latent_identity(cfg, bundle), folder, masks=masks)  # type: ignore[arg-type]
 
 
 def latent_cache_folder(data_path: str) -> Path:

@@ -20,13 +20,15 @@ class MetricsLog:
     """Writes logs/ on the main process: TensorBoard events and one JSON line per logged step.
 
     On resume, lines after the checkpoint's step are dropped and TensorBoard purges its later events,
-    so step numbers continue rather than restart or duplicate.
+    so step numbers continue rather than restart or duplicate. `sink` (e.g. a WandbSink) gets the same scalars
+    and images through its own `scalars(step, values)`, `image(tag, image, step)` and `close()`.
     """
 
-    def __init__(self, log_dir: Path, start_step: int = 0, enabled: bool = True) -> None:
+    def __init__(self, log_dir: Path, start_step: int = 0, enabled: bool = True, sink: Any = None) -> None:
         self.enabled = enabled
         self.path = log_dir / METRICS_FILE
         self._writer: Any = None
+        self._sink = sink if enabled else None
         if not enabled:
             return
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -40,6 +42,8 @@ class MetricsLog:
             return
         for key, value in values.items():
             self._writer.add_scalar(key, value, step)
+        if self._sink is not None:
+            self._sink.scalars(step, values)
         try:
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps({"step": step, **values}) + "\n")
@@ -49,11 +53,17 @@ class MetricsLog:
     def image(self, tag: str, image: Image.Image, step: int) -> None:
         if self.enabled:
             self._writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        if self._sink is not None:
+            self._sink.image(tag, image, step)
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.flush()
             self._writer.close()
+            self._writer = None
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -31,6 +31,7 @@ from loha_train.training.setup import (
 )
 from loha_train.training.signals import Interrupted, StopFlag, agreed_signal
 from loha_train.training.step import check_prediction_type
+from loha_train.training.wandb_log import check_wandb, wandb_sink
 
 
 def train(
@@ -48,6 +49,7 @@ def train(
     # --- refuse what cannot work, before anything loads ----------------------------------------------------
     paths = OutputPaths(Path(cfg.output.dir), cfg.output.name)
     refuse_sharded_engines()
+    check_wandb(cfg)
     resume_from = check_output_folder(paths, resume, overwrite)  # --dry-run predicts the refusal too
     ddp = DistributedDataParallelKwargs()  # read at prepare(); find_unused_parameters is set once the family is known
     accelerator = Accelerator(
@@ -87,7 +89,8 @@ def train(
             start_over(paths)
         paths.root.mkdir(parents=True, exist_ok=True)
         write_atomic(paths.config, dump_config(cfg).encode("utf-8"))
-    log = MetricsLog(paths.logs, start_step=position.step, enabled=main)
+    sink = wandb_sink(cfg, paths.logs, position.step, main)  # logging.wandb: the same scalars and sample grids
+    log = MetricsLog(paths.logs, start_step=position.step, enabled=main, sink=sink)
     if position.step == 0 and data.problems:
         log.scalars(0, {"skipped_bad_files": data.problems})  # data.skip_bad_images: the count stays in the run log
     meta = provenance(cfg, bundle, data, plan, network)

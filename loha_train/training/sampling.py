@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +145,7 @@ def _one(
         height=p.height or resolution,
         num_inference_steps=p.steps or cfg.steps,
         guidance_scale=p.guidance if p.guidance is not None else cfg.guidance,
+        guidance_rescale=cfg.guidance_rescale or 0.0,
         generator=generator,
         output_type="pil",
     )
@@ -172,6 +173,14 @@ def save_samples(images: Sequence[Image.Image], folder: Path, step: int) -> Path
     return grid_path
 
 
+def guidance_rescale(cfg: Config) -> float:
+    """sample.guidance_rescale, or its default: 0.7 for a zero-terminal-SNR model (the value Lin et al. 2024 and
+    diffusers recommend against over-exposure at high guidance), else 0 (plain classifier-free guidance)."""
+    if cfg.sample.guidance_rescale is not None:
+        return cfg.sample.guidance_rescale
+    return 0.7 if cfg.model.zero_terminal_snr else 0.0
+
+
 def sample_now(cfg: Config, bundle: ModelBundle, accelerator: Any, log: MetricsLog, folder: Path, step: int) -> None:
     """Generate the configured prompts on the main process (the RNG state is kept); the others wait."""
     if accelerator.is_main_process:
@@ -185,8 +194,9 @@ def sample_now(cfg: Config, bundle: ModelBundle, accelerator: Any, log: MetricsL
             cfg.model.max_token_length,
         )
         rng_state = torch.random.get_rng_state()
+        sample_cfg = replace(cfg.sample, guidance_rescale=guidance_rescale(cfg))
         with counter(f"sampling at step {step}", unit="image", position=1) as progress:
-            images = generate(models, cfg.sample, cfg.data.resolution, accelerator.autocast(), progress)
+            images = generate(models, sample_cfg, cfg.data.resolution, accelerator.autocast(), progress)
         torch.random.set_rng_state(rng_state)
         grid_path = save_samples(images, folder, step)
         with Image.open(grid_path) as grid_image:

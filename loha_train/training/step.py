@@ -48,7 +48,10 @@ def micro_step(cfg: Config, bundle: ModelBundle, device: torch.device, batch: di
     cond = conditioning(cfg, bundle, batch, device)
     draw = draw_noise(cfg.train, latents, bundle.noise_scheduler.config.num_train_timesteps)
     weight = batch["loss_weight"].to(device)
-    return diffusion_loss(cfg, bundle, latents, draw.noise, draw.timesteps, cond, weight, input_noise=draw.input_noise)
+    mask = batch["loss_mask"].to(device) if "loss_mask" in batch else None
+    return diffusion_loss(
+        cfg, bundle, latents, draw.noise, draw.timesteps, cond, weight, input_noise=draw.input_noise, loss_mask=mask
+    )
 
 
 def noise_and_timesteps(cfg: Config, bundle: ModelBundle, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,9 +90,11 @@ def diffusion_loss(
     loss_weight: torch.Tensor,
     *,
     input_noise: torch.Tensor | None = None,
+    loss_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`train.loss` between the UNet's prediction and the epsilon or v target, per element, averaged per sample,
-    then weighted per sample (prior loss weight, min-SNR, v-like scaling, debiased estimation) and averaged.
+    """`train.loss` between the UNet's prediction and the epsilon or v target, per element, masked
+    (`loss_mask`, kohya's masked loss), averaged per sample, then weighted per sample (prior loss weight,
+    min-SNR, v-like scaling, debiased estimation) and averaged.
 
     `input_noise` (default `noise`) makes the UNet's input; it differs from the target's noise by the input
     perturbation (train.ip_noise_gamma), as in kohya.
@@ -102,7 +107,9 @@ def diffusion_loss(
     pred = bundle.unet(noisy.to(unet_dtype), timesteps, hidden, added_cond_kwargs=cond.get("added_cond_kwargs")).sample
     threshold = huber_threshold(cfg.train, sched, timesteps)
     loss = elementwise_loss(pred.float(), target.float(), cfg.train.loss, threshold)
-    loss = loss.mean(dim=tuple(range(1, loss.ndim)))  # a per-element weight (a mask) would multiply in before this
+    if loss_mask is not None:
+        loss = apply_loss_mask(loss, loss_mask)
+    loss = loss.mean(dim=tuple(range(1, loss.ndim)))
     return (loss * timestep_weight(cfg, sched, timesteps, bundle.prediction_type) * loss_weight).mean()
 
 
@@ -179,6 +186,14 @@ def check_prediction_type(cfg: Config, prediction_type: str) -> None:
                 )
             ]
         )
+
+
+def apply_loss_mask(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """kohya's masked loss: the per-element loss (B, C, h, w) times the mask (B, 1, H, W) in [0, 1], area-resampled
+    to the latent grid. The caller then averages over every element, as kohya does (not over the mask's area), so
+    a half-masked image contributes half the loss of an unmasked one."""
+    mask = F.interpolate(mask.to(loss.dtype), size=loss.shape[2:], mode="area")
+    return loss * mask
 
 
 def min_snr_weight(scheduler: Any, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
