@@ -21,6 +21,7 @@ from loha_train.models.bundle import ModelBundle
 from loha_train.training import checkpoint
 from loha_train.training.checkpoint import TrainState
 from loha_train.training.data_pipeline import DataPipeline
+from loha_train.training.ema import AdapterEMA
 from loha_train.training.grad_check import check_gradients_arrived
 from loha_train.training.guards import TrainingError
 from loha_train.training.metrics import MetricsLog
@@ -57,6 +58,7 @@ class Session:
     last_checkpoint: int = -1  # step of the newest checkpoint this run can fall back to
     last_sampled: int = -1
     gradients_checked: bool = False  # the first backward of this process is checked once (grad_check.py)
+    ema: AdapterEMA | None = None  # train.ema: the moving average, updated after every optimizer step
 
     def epoch_batches(self) -> Iterator[Any]:
         """This epoch's remaining micro-batches (consumed ones skipped after a resume)."""
@@ -87,6 +89,8 @@ class Session:
             if cfg.train.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(list(self.network.parameters()), cfg.train.max_grad_norm)
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(self.network)
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_value
@@ -118,15 +122,27 @@ class Session:
     def export_adapter(self, path: Path) -> None:
         if self.accelerator.is_main_process:
             stats = {"steps": self.step, "epoch": self.epoch, "finished_at": time.time(), **self.extra}
-            save_adapter(self.network, path, dtype=self.cfg.output.save_precision, metadata=self.metadata(stats))
+            if self.ema is not None:
+                stats["ema_updates"] = self.ema.optimization_step
+            with self._weights(self.cfg.output.export_ema):
+                save_adapter(self.network, path, dtype=self.cfg.output.save_precision, metadata=self.metadata(stats))
         self.accelerator.wait_for_everyone()
 
     def sample(self) -> None:
-        sample_now(self.cfg, self.bundle, self.accelerator, self.log, self.paths.samples, self.step)
+        with self._weights(self.cfg.sample.use_ema):
+            sample_now(self.cfg, self.bundle, self.accelerator, self.log, self.paths.samples, self.step)
         self.last_sampled = self.step
 
     def validate(self) -> None:
-        self.log.scalars(self.step, {"val_loss": validation_loss(self.cfg, self.bundle, self.accelerator, self.data)})
+        with self._weights(self.cfg.sample.use_ema):
+            loss = validation_loss(self.cfg, self.bundle, self.accelerator, self.data)
+        self.log.scalars(self.step, {"val_loss": loss})
+
+    def _weights(self, use_ema: bool) -> contextlib.AbstractContextManager:
+        """The EMA weights in the network for the block when asked (and kept), else the trained ones."""
+        if use_ema and self.ema is not None:
+            return self.ema.swapped(self.network)
+        return contextlib.nullcontext()
 
     def _no_sync(self) -> contextlib.AbstractContextManager:
         stack = contextlib.ExitStack()
