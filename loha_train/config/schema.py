@@ -116,7 +116,7 @@ class DataConfig:
 class EMAConfig:
     """`train.ema:` an exponential moving average of the adapter weights, with diffusers' EMAModel schedule."""
 
-    decay: float = 0.9999  # the largest decay (diffusers' `decay`)
+    decay: float = 0.9999  # the largest decay (diffusers' `decay`); any train.ema key (even `{}`) turns EMA on
     update_after_step: int = 0  # optimizer steps before averaging starts (the average copies the weights until then)
     use_warmup: bool = False  # decay 1 - (1 + step / inv_gamma) ** -power instead of (1 + step) / (10 + step)
     inv_gamma: float = 1.0  # warm-up: inverse multiplicative factor of the step
