@@ -244,3 +244,36 @@ def test_inspect_reports_dora_per_consumer(tmp_path, tiny_sd_dir):
             assert f"WebUI DoRA: {n}/{n} modules exact" in text and f"ComfyUI DoRA: {n}/{n} modules exact" in text
             assert report.ok, text
         json.dumps(data)
+
+
+def test_merge_command_bakes_the_dora_weight(tmp_path, tiny_sd_dir):
+    from safetensors.torch import load_file
+    from test_inspect_merge import _file_delta
+
+    from loha_train import cli
+    from loha_train.config import ModelConfig
+    from loha_train.fileformat.consumers import ConsumerModel, check_comfyui
+    from loha_train.models.loading import load_models
+    from loha_train.models.single_file import ldm_state_dict
+
+    bundle = load_models(ModelConfig(path=str(tiny_sd_dir)), with_tokenizers=False)
+    original = {k: v.detach().clone() for k, v in ldm_state_dict(bundle).items()}
+    cfg = NetworkConfig(preset="attn-mlp", rank=4, alpha=3.0, weight_decompose=True, wd_on_output=False)
+    network = inject_loha(sd_components(bundle.unet, []), cfg, seed=0)
+    _randomise(network, std=0.2)
+    with torch.no_grad():
+        for m in network.modules.values():
+            m.dora_scale.copy_(m.dora_scale.abs() + 0.5)
+    adapter = save_adapter(network, tmp_path / "dora.safetensors", dtype="fp32")
+    out = tmp_path / "merged.safetensors"
+    assert cli.main(["merge", "--base", str(tiny_sd_dir), "--adapter", str(adapter), "--out", str(out)]) == 0
+    merged = load_file(out)
+    state, metadata = load_adapter(adapter)
+    spec = network_config_from_file(state, metadata)
+    model = ConsumerModel("sd1", {k: tuple(v.shape) for k, v in original.items()}, dict(bundle.unet.config))
+    comfy = check_comfyui({key: m.delta_shape for key, m in spec.modules.items()}, model)
+    assert comfy.unmatched == {} and len(comfy.targets) == len(network.modules)
+    for stem, (ldm_key, _) in comfy.targets.items():
+        w = original[ldm_key]
+        expected = _dora_formula(w, _file_delta(state, stem, w.shape), state[f"{stem}.dora_scale"], on_output=False)
+        assert torch.allclose(merged[ldm_key], expected, rtol=1e-5, atol=1e-6), stem

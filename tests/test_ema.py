@@ -106,6 +106,12 @@ def test_resume_with_ema_and_dora_equals_straight_run(tmp_path):
     assert json.loads(meta["loha_train.ema"])["updates"] == 4
     assert json.loads(meta["ss_network_args"])["dora_wd"] == "True"
     assert len(losses(tmp_path / "split")) == 4
+    from loha_train.fileformat.inspection import format_report, inspect_adapter
+
+    text = format_report(inspect_adapter(tmp_path / "split" / "loha.safetensors"))
+    assert (
+        "EMA: the file holds the EMA weights (decay 0.8, 4 updates)" in text and "DoRA (weight decomposition)" in text
+    )
 
 
 def test_ema_options_are_checked(tmp_path):
