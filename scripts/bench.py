@@ -54,7 +54,7 @@ for _path in (REPO, SCRIPTS):  # run as a file, from any directory, without inst
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from bench_variants import DTYPES, LOHA_VARIANTS, SEED, VARIANTS, run_worker  # noqa: E402  (imports no torch)
+from bench_variants import DEFAULT_VARIANTS, DTYPES, LOHA_VARIANTS, SEED, VARIANTS, run_worker  # noqa: E402  (imports no torch)
 
 # glibc returns big freed blocks to the kernel (mmap threshold, heap trimming), so every CPU step page-faults its
 # activations back in: ~600k faults (~2.4 GB zeroed) per SD1.5 step at 32x32 latents. These keep them in the heap.
@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="run the variant list this many times in turn, pooling each variant's steps",
     )
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="base weights + autocast; adapters stay fp32")
     p.add_argument("--gradient-checkpointing", action="store_true")

@@ -19,7 +19,8 @@ from bench_memory import current_memory, peak_memory, reset_peak_memory, timer, 
 
 from loha_train.models.reference_configs import SD1  # plain dicts, no torch: cheap in the parent
 
-VARIANTS = ("loha_train", "peft", "peft_lora", "lycoris", "base")
+VARIANTS = ("loha_train", "peft", "peft_lora", "lycoris", "base", "loha_train_dora", "lycoris_dora")
+DEFAULT_VARIANTS = VARIANTS[:5]  # the DoRA ones (network.weight_decompose, LyCORIS dora_wd) on request
 LOHA_VARIANTS = ("loha_train", "peft", "lycoris")  # must agree on wrapped modules and parameter count
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -125,7 +126,7 @@ def expected_targets(models: Any) -> list[str]:
 # own parameters outside the container). Adapter parameters are created in fp32 on the model's device.
 
 
-def inject_loha_train(models: Any, args: argparse.Namespace) -> tuple[list[str], list[Any]]:
+def inject_loha_train(models: Any, args: argparse.Namespace, dora: bool = False) -> tuple[list[str], list[Any]]:
     from loha_train.config import NetworkConfig
     from loha_train.fileformat.keys import sd_components
     from loha_train.loha.inject import inject_loha
@@ -133,7 +134,7 @@ def inject_loha_train(models: Any, args: argparse.Namespace) -> tuple[list[str],
     targets = tuple(suffix_regex(s) for s in target_suffixes(models).values())
     cfg = NetworkConfig(
         preset="none", targets=targets, rank=args.rank, alpha=args.alpha,
-        conv_rank=args.rank, conv_alpha=args.alpha, use_cp=True,
+        conv_rank=args.rank, conv_alpha=args.alpha, use_cp=True, weight_decompose=dora,
     )  # fmt: skip
     tes = [models.text_encoder] if hasattr(models, "text_encoder") else []
     network = inject_loha(sd_components(models.unet, tes), cfg, seed=args.seed)
@@ -164,7 +165,7 @@ def inject_peft_lora(models: Any, args: argparse.Namespace) -> tuple[list[str], 
     return [n for n, m in models.named_modules() if isinstance(m, LoraLayer)], []
 
 
-def inject_lycoris(models: Any, args: argparse.Namespace) -> tuple[list[str], list[Any]]:
+def inject_lycoris(models: Any, args: argparse.Namespace, dora: bool = False) -> tuple[list[str], list[Any]]:
     import logging
 
     from lycoris import LycorisNetwork
@@ -187,7 +188,7 @@ def inject_lycoris(models: Any, args: argparse.Namespace) -> tuple[list[str], li
     )
     network = LycorisNetwork(
         models, multiplier=1.0, lora_dim=args.rank, conv_lora_dim=args.rank, alpha=args.alpha,
-        conv_alpha=args.alpha, use_tucker=True, network_module="loha",
+        conv_alpha=args.alpha, use_tucker=True, network_module="loha", weight_decompose=dora,
     )  # fmt: skip
     network.apply_to()
     return [names[id(lora.org_module[0])] for lora in network.loras], [network]
@@ -198,6 +199,8 @@ INJECTORS: dict[str, Callable[[Any, argparse.Namespace], tuple[list[str], list[A
     "peft": inject_peft,
     "peft_lora": inject_peft_lora,
     "lycoris": inject_lycoris,
+    "loha_train_dora": lambda models, args: inject_loha_train(models, args, dora=True),
+    "lycoris_dora": lambda models, args: inject_lycoris(models, args, dora=True),
 }
 
 

@@ -19,6 +19,8 @@ KOHYA_NAMES: dict[str, str] = {
     "rank_dropout": "network.rank_dropout",
     "module_dropout": "network.module_dropout",
     "network_weights": "network.init_from",
+    "dora_wd": "network.weight_decompose",
+    "wd_on_output": "network.wd_on_output",
     "train_data_dir": "data.path",
     "reg_data_dir": "data.reg_path",
     "caption_extension": "data.caption_extension",

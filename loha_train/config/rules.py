@@ -106,6 +106,11 @@ FIELD_RULES: dict[str, FieldRule] = {
     "train.save_every_steps": _AT_LEAST_1,
     "train.keep_last_checkpoints": _AT_LEAST_1,
     "train.validation_every_steps": _AT_LEAST_1,
+    "train.ema.decay": _must(lambda v: 0 < v <= 1, "in (0, 1]", "0.999-0.9999 is usual"),
+    "train.ema.update_after_step": _NON_NEGATIVE,
+    "train.ema.inv_gamma": _POSITIVE,
+    "train.ema.power": _POSITIVE,
+    "train.ema.min_decay": _must(lambda v: 0 <= v <= 1, "in [0, 1]"),
     "sample.prompts[].width": _SIDE,
     "sample.prompts[].height": _SIDE,
     "sample.prompts[].seed": _NON_NEGATIVE,
@@ -233,6 +238,21 @@ RULES: tuple[_Rule, ...] = (
         "sample.prompts",
         lambda sample: not sample.prompts and (sample.every_n_steps or sample.every_n_epochs) is not None,
         "sample.every_n_steps/every_n_epochs is set but there are no prompts to sample",
+    ),
+    _Rule(
+        "train.ema.min_decay",
+        lambda train: train.ema is not None and train.ema.min_decay > train.ema.decay,
+        "must be <= train.ema.decay ({train.ema.decay}), got {train.ema.min_decay}",
+    ),
+    _Rule(
+        "sample.use_ema",
+        lambda sample, train: sample.use_ema and train.ema is None,
+        "needs EMA weights: set train.ema (e.g. train.ema: {{decay: 0.999}}) or sample.use_ema: false",
+    ),
+    _Rule(
+        "output.export_ema",
+        lambda output, train: output.export_ema and train.ema is None,
+        "needs EMA weights: set train.ema (e.g. train.ema: {{decay: 0.999}}) or output.export_ema: false",
     ),
     # With zero terminal SNR the last timestep is pure noise: an epsilon target there is the input itself
     # and x0 = (x_t - sigma * eps) / 0 is undefined; the paper that introduced it requires v-prediction.

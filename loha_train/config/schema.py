@@ -68,6 +68,8 @@ class NetworkConfig:
     train_text_encoder: bool = False  # put LoHa on the text encoder(s)
     init_from: str | None = None  # start from an existing LoHa .safetensors instead of zero
     scale_weight_norms: float | None = None  # max-norm: scale down each module whose delta weight's norm exceeds this
+    weight_decompose: bool = False  # DoRA for LoHa (LyCORIS dora_wd): trains a magnitude `dora_scale` per module
+    wd_on_output: bool = True  # DoRA magnitude per output row (LyCORIS's default); false: per input column (WebUI)
 
     @property
     def effective_conv_rank(self) -> int:
@@ -113,6 +115,18 @@ class DataConfig:
     skip_bad_images: bool = False  # warn and skip unreadable images instead of stopping
     alpha_mask: bool = False  # masked loss: weight the loss by each image's alpha channel (kohya's alpha_mask)
     mask_path: str | None = None  # masked loss: folder of mask images named like the images (white = trained)
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    """`train.ema:` an exponential moving average of the adapter weights, with diffusers' EMAModel schedule."""
+
+    decay: float = 0.9999  # the largest decay (diffusers' `decay`); any train.ema key (even `{}`) turns EMA on
+    update_after_step: int = 0  # optimizer steps before averaging starts (the average copies the weights until then)
+    use_warmup: bool = False  # decay 1 - (1 + step / inv_gamma) ** -power instead of (1 + step) / (10 + step)
+    inv_gamma: float = 1.0  # warm-up: inverse multiplicative factor of the step
+    power: float = 0.6666666666666666  # warm-up: exponential factor (2/3 for long runs, 3/4 for short ones)
+    min_decay: float = 0.0  # the smallest decay
 
 
 @dataclass(frozen=True)
@@ -162,6 +176,7 @@ class TrainConfig:
     keep_last_checkpoints: int = 3  # older checkpoints are deleted
     nan_policy: Literal["stop", "skip"] = "stop"  # on a NaN/inf loss: stop, or skip that step
     validation_every_steps: int | None = None  # validation loss interval (needs a validation set)
+    ema: EMAConfig | None = None  # keep an exponential moving average of the adapter (diffusers' EMAModel)
 
     @property
     def effective_lr(self) -> float:
@@ -212,6 +227,7 @@ class SampleConfig:
     at_start: bool = True  # sample before the first step (the untrained baseline)
     prompts_file: str | None = None  # kohya prompt file: one prompt per line with --n --w --h --s --l --d, # comments
     guidance_rescale: float | None = None  # diffusers' CFG rescale; default 0.7 with zero_terminal_snr, else 0
+    use_ema: bool = False  # samples and the validation loss use the EMA weights (needs train.ema)
 
 
 @dataclass(frozen=True)
@@ -224,6 +240,7 @@ class OutputConfig:
     save_adapter_every_steps: int | None = None  # also export <name>-step-NNNNNN.safetensors every N steps
     title: str | None = None  # modelspec.title; default: `name`
     trigger_words: tuple[str, ...] = ()  # recorded in metadata for users of the file
+    export_ema: bool = False  # exported adapters hold the EMA weights (needs train.ema); metadata loha_train.weights
 
     @property
     def effective_title(self) -> str:

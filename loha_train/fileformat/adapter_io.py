@@ -37,11 +37,12 @@ logger = logging.getLogger(__name__)
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 CORES = ("hada_t1", "hada_t2")
-SUFFIXES = (*FACTORS, *CORES, "alpha")
+SUFFIXES = (*FACTORS, *CORES, "alpha", "dora_scale")  # dora_scale: DoRA's magnitude (LyCORIS dora_wd)
 PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 EXPECTED = (
     "a LoHa adapter in the LyCORIS/kohya layout: <prefix><module>.hada_w1_a, .hada_w1_b, .hada_w2_a, .hada_w2_b "
-    "(+ .hada_t1, .hada_t2 for CP convs) and .alpha, with prefixes lora_unet_, lora_te_, lora_te1_ or lora_te2_"
+    "(+ .hada_t1, .hada_t2 for CP convs, .dora_scale for DoRA) and .alpha, with prefixes lora_unet_, lora_te_, "
+    "lora_te1_ or lora_te2_"
 )
 LEGACY_HASH_OFFSET, LEGACY_HASH_SIZE = 0x100000, 0x10000
 
@@ -288,7 +289,29 @@ def _shape_problems(stem: str, g: Mapping[str, Tensor]) -> list[str]:
             return [f"{stem}: inconsistent CP shapes ({shapes}); expected t (r, r, kh, kw), a (r, out), b (r, in)"]
     elif w1a.shape[1] != rank:
         return [f"{stem}: inconsistent factor shapes ({shapes}); expected a (out, r), b (r, in)"]
+    if "dora_scale" in g and dora_axis(g) is None:
+        return [f"{stem}.dora_scale: shape {tuple(g['dora_scale'].shape)} is neither (out, 1, ...) nor (1, in, ...)"]
     return []
+
+
+def dora_axis(g: Mapping[str, Tensor]) -> str | None:
+    """A module's DoRA axis: "out" for a dora_scale per output row (out, 1, ...), "in" per input column (1, in, ...).
+
+    None when the module has no dora_scale or its shape is neither. Out and in come from the factors (the CP
+    form stores the `_a` factors transposed); a plain conv's `_b` factors hold in * kh * kw columns.
+    """
+    m = g.get("dora_scale")
+    if m is None or m.ndim < 2:
+        return None
+    cp = "hada_t1" in g
+    out = g["hada_w1_a"].shape[1 if cp else 0]
+    in_flat = g["hada_w1_b"].shape[1]
+    rest = m.shape[2:]
+    if m.shape[0] == out and all(d == 1 for d in m.shape[1:]):
+        return "out"
+    if m.shape[0] == 1 and all(d == 1 for d in rest) and in_flat % m.shape[1] == 0:
+        return "in"
+    return None
 
 
 def apply_adapter(network: LoHaNetwork, state: Mapping[str, Tensor], *, source: str | Path | None = None) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from loha_train.fileformat.adapter_io import AdapterError, load_adapter
+from loha_train.fileformat.consumer_dora import WRONG, dora_verdict
 from loha_train.fileformat.consumers import (
     ConsumerCheck,
     ConsumerModel,
@@ -43,6 +44,7 @@ class InspectReport:
     checks: list[ConsumerCheck] = field(default_factory=list)
     disagree: dict[str, list[Target]] = field(default_factory=dict)
     base_model: ConsumerModel | None = None
+    dora: dict[str, dict[str, tuple[str, str]]] = field(default_factory=dict)  # consumer -> stem -> (verdict, why)
 
     @property
     def family_mismatch(self) -> bool:
@@ -52,7 +54,13 @@ class InspectReport:
     def unmatched(self) -> int:
         """Keys some applicable consumer would not load (or two consumers load onto different weights)."""
         bad = {stem for c in self.checks if c.not_applicable is None for stem in c.unmatched} | set(self.disagree)
-        return len(bad)
+        return len(bad | self.dora_wrong)
+
+    @property
+    def dora_wrong(self) -> set[str]:
+        """DoRA modules an applicable consumer loads but computes wrongly (WebUI with per-output-row dora_scale)."""
+        applicable = {c.consumer for c in self.checks if c.not_applicable is None}
+        return {s for c, v in self.dora.items() if c in applicable for s, (verdict, _) in v.items() if verdict == WRONG}
 
     @property
     def ok(self) -> bool:
@@ -115,6 +123,10 @@ def inspect_adapter(path: str | Path, base: str | None = None) -> InspectReport:
         report.base_model, report.base_family = model, model.family
         report.checks = [check_webui(deltas, model), check_comfyui(deltas, model)]
         report.disagree = disagreements(*report.checks)
+        report.dora = {
+            c.consumer: {m.key: dora_verdict(c.consumer, m.dora) for m in spec.modules.values() if m.dora}
+            for c in report.checks
+        }
     return report
 
 
@@ -140,7 +152,15 @@ def _table(report: InspectReport) -> list[str]:
     rows = [("module", "kind", "rank", "alpha", "delta", "dtype", "params")]
     for m in report.spec.modules.values():
         rows.append(
-            (m.key, report.kind(m), str(m.rank), f"{m.alpha:g}", _dims(m.delta_shape), _dtype(m.dtype), f"{m.params:,}")
+            (
+                m.key,
+                report.kind(m) + ("+dora" if m.dora else ""),
+                str(m.rank),
+                f"{m.alpha:g}",
+                _dims(m.delta_shape),
+                _dtype(m.dtype),
+                f"{m.params:,}",
+            )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     right = {2, 3, 6}
@@ -168,7 +188,24 @@ def _totals(report: InspectReport) -> list[str]:
         f"total: {len(report.spec.modules)} modules, {total:,} parameters, ranks {', '.join(map(str, ranks))}, "
         f"alphas {', '.join(f'{a:g}' for a in alphas)}, {'/'.join(dtypes)}, {report.file_size:,} bytes"
     )
+    dora = [m for m in modules if m.dora]
+    if dora:
+        axes = sorted({"per output row" if m.dora == "out" else "per input column" for m in dora})
+        lines.append(f"DoRA (weight decomposition): {len(dora)} of {len(report.spec.modules)} modules, "
+                     f"dora_scale {' and '.join(axes)}")  # fmt: skip
+    if "loha_train.weights" in report.metadata:
+        lines.append(f"EMA: the file holds the {_ema_line(report.metadata)}")
     return lines
+
+
+def _ema_line(metadata: dict[str, str]) -> str:
+    """Which weights an EMA run exported, from loha_train.weights and loha_train.ema."""
+    try:
+        ema = json.loads(metadata.get("loha_train.ema", "{}"))
+    except ValueError:
+        ema = {}
+    which = "EMA weights" if metadata["loha_train.weights"] == "ema" else "trained (not the EMA) weights"
+    return f"{which} (decay {ema.get('decay', '?')}, {ema.get('updates', '?')} updates)"
 
 
 def _short(value: str, limit: int = 110) -> str:
@@ -268,9 +305,18 @@ def _consumers(report: InspectReport) -> list[str]:
         lines += [f"    {stem}: {why}" for stem, why in list(check.unmatched.items())[:10]]
         if len(check.unmatched) > 10:
             lines.append(f"    ... {len(check.unmatched) - 10} more")
+    for consumer, verdicts in report.dora.items():
+        counts: dict[str, list[str]] = {}
+        for stem, (verdict, why) in verdicts.items():
+            counts.setdefault(f"{verdict}: {why}", []).append(stem)
+        for what, stems in counts.items():
+            lines.append(f"  {consumer} DoRA: {len(stems)}/{len(verdicts)} modules {what}")
     for stem, targets in list(report.disagree.items())[:10]:
         lines.append(f"  disagree: {stem} -> " + " vs ".join(f"{k}{'' if p is None else f'[{p}]'}" for k, p in targets))
     verdict = "PASS" if report.ok else f"FAIL: {report.unmatched} unmatched key(s)"
+    if report.dora_wrong:
+        wrong = len(report.dora_wrong)
+        verdict += f" ({wrong} of them DoRA modules applied wrongly; train with network.wd_on_output: false)"
     lines.append(f"Result: {verdict}")
     return lines
 
@@ -310,6 +356,7 @@ def report_dict(report: InspectReport) -> dict[str, Any]:
                 "shapes": {k: list(v) for k, v in m.shapes.items()},
                 "dtype": _dtype(m.dtype),
                 "params": m.params,
+                "dora": m.dora,
             }
             for m in report.spec.modules.values()
         ],
@@ -332,5 +379,6 @@ def report_dict(report: InspectReport) -> dict[str, Any]:
                 for c in report.checks
             },
             "disagree": {stem: [list(t) for t in targets] for stem, targets in report.disagree.items()},
+            "dora": {c: {s: list(v) for s, v in verdicts.items()} for c, verdicts in report.dora.items()},
         }
     return out

@@ -131,6 +131,8 @@ def _kohya(
         "module_dropout": str(float(net["module_dropout"])),
         "rank_dropout_scale": str(bool(net.get("rank_dropout_scale", False))),
     }
+    if net.get("weight_decompose"):  # LyCORIS's kohya network_args for DoRA
+        network_args |= {"dora_wd": "True", "wd_on_output": str(bool(net.get("wd_on_output", True)))}
     side = int(data["resolution"])
     lr = train["lr"] if train.get("lr") is not None else default_lr(train["optimizer"])
     out: dict[str, Any] = {
@@ -273,6 +275,9 @@ def build_metadata(
     }
     if "fingerprint" in dataset:
         provenance["loha_train.dataset_fingerprint"] = dataset["fingerprint"]
+    if config["train"].get("ema") is not None:  # which weights the file holds: the EMA or the last trained ones
+        provenance["loha_train.weights"] = "ema" if config["output"].get("export_ema") else "trained"
+        provenance["loha_train.ema"] = {**config["train"]["ema"], "updates": stats.get("ema_updates", 0)}
     entries = {
         **_kohya(config, family, prediction_type, name, dataset, plan, stats, started, finished),
         **_modelspec(config, family, prediction_type, finished),

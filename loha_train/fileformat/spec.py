@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from loha_train.fileformat.adapter_io import CORES, FACTORS, AdapterError, apply_adapter
+from loha_train.fileformat.adapter_io import CORES, FACTORS, AdapterError, apply_adapter, dora_axis
 from loha_train.loha.inject import Component, ExplicitTarget, InjectError, LoHaNetwork, inject_explicit, module_keys
 
 FAMILIES = ("sd1", "sd2", "sdxl")
@@ -31,6 +31,7 @@ class ModuleSpec:
     delta_shape: tuple[int, ...]  # plain: (out, in * kh * kw); CP: (out, in, kh, kw)
     shapes: dict[str, tuple[int, ...]]  # tensor suffix -> shape, as stored
     dtype: torch.dtype  # of the factors
+    dora: str | None = None  # DoRA: "out" (dora_scale per output row, LyCORIS's default) or "in"; None: plain LoHa
 
     @property
     def scale(self) -> float:
@@ -54,7 +55,10 @@ class AdapterSpec:
     evidence: tuple[str, ...] = field(default=())
 
     def targets(self) -> list[ExplicitTarget]:
-        return [ExplicitTarget(m.key, m.rank, m.alpha, m.use_cp) for m in self.modules.values()]
+        return [
+            ExplicitTarget(m.key, m.rank, m.alpha, m.use_cp, m.dora is not None, m.dora != "in")
+            for m in self.modules.values()
+        ]
 
 
 def _module_spec(stem: str, tensors: Mapping[str, Tensor]) -> ModuleSpec:
@@ -63,8 +67,8 @@ def _module_spec(stem: str, tensors: Mapping[str, Tensor]) -> ModuleSpec:
     cp = "hada_t1" in tensors
     delta = (w1a.shape[1], w1b.shape[1], *tensors["hada_t1"].shape[2:]) if cp else (w1a.shape[0], w1b.shape[1])
     alpha = float(tensors["alpha"]) if "alpha" in tensors else float(rank)
-    shapes = {s: tuple(tensors[s].shape) for s in (*FACTORS, *CORES, "alpha") if s in tensors}
-    return ModuleSpec(stem, rank, alpha, cp, tuple(int(d) for d in delta), shapes, w1a.dtype)
+    shapes = {s: tuple(tensors[s].shape) for s in (*FACTORS, *CORES, "alpha", "dora_scale") if s in tensors}
+    return ModuleSpec(stem, rank, alpha, cp, tuple(int(d) for d in delta), shapes, w1a.dtype, dora_axis(tensors))
 
 
 def network_config_from_file(state: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> AdapterSpec:

@@ -159,6 +159,35 @@ def _column(row_scale: Tensor | float, ndim: int) -> Tensor | float:
     return row_scale
 
 
+# --- DoRA (weight decomposition, LyCORIS's dora_wd) --------------------------------------------------------------
+# W' = (W + DeltaW) * (multiplier * (m / ||W + DeltaW|| - 1) + 1), the norm taken per output row (wd_on_output) or
+# per input column over every other dimension; m (`dora_scale`) starts as that norm of the base weight, so an
+# untrained adapter still reproduces the base model. Shapes: m is (out, 1, ...) or (1, in, 1, ...).
+
+
+def weight_norm(weight: Tensor, wd_on_output: bool) -> Tensor:
+    """||weight|| per output row (out, 1, ...) or per input column (1, in, 1, ...), over all other dimensions."""
+    ones = [1] * (weight.dim() - 1)
+    if wd_on_output:
+        return weight.reshape(weight.shape[0], -1).norm(dim=1).reshape(weight.shape[0], *ones)
+    cols = weight.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1)
+    return cols.reshape(weight.shape[1], *ones).transpose(0, 1)
+
+
+def dora_scale_init(weight: Tensor, wd_on_output: bool) -> Tensor:
+    """The magnitude vector m of an untrained DoRA adapter: the base weight's norm, float32."""
+    return weight_norm(weight.detach().float(), wd_on_output)
+
+
+def weight_decompose(weight: Tensor, dora_scale: Tensor, multiplier: float, wd_on_output: bool) -> Tensor:
+    """W' from the merged weight W + DeltaW (any shape) and m; float32 like m, a float32 epsilon on the norm."""
+    weight = weight.to(dora_scale.dtype)
+    scale = dora_scale / (weight_norm(weight, wd_on_output) + torch.finfo(weight.dtype).eps)
+    if multiplier != 1:
+        scale = multiplier * (scale - 1) + 1
+    return weight * scale
+
+
 # --- Dropout and initialisation ---------------------------------------------------------------------------------
 
 

@@ -266,6 +266,7 @@ def inject_loha(components: list[Component], cfg: NetworkConfig, *, seed: int | 
                 cand.module, rank, alpha, use_cp=cfg.use_cp,
                 rank_dropout=cfg.rank_dropout, module_dropout=cfg.module_dropout,
                 rank_dropout_scale=cfg.rank_dropout_scale,
+                weight_decompose=cfg.weight_decompose, wd_on_output=cfg.wd_on_output,
             )  # fmt: skip
             _install(network, cand.key, cand, wrapped)
     return network
@@ -301,6 +302,8 @@ class ExplicitTarget:
     rank: int
     alpha: float
     use_cp: bool = False  # CP form for a k x k conv (ignored for linears and 1x1 convs)
+    weight_decompose: bool = False  # DoRA: the file carries a dora_scale
+    wd_on_output: bool = True  # its dora_scale is per output row (else per input column)
 
 
 def module_keys(components: list[Component]) -> dict[str, tuple[str, nn.Module]]:
@@ -343,9 +346,11 @@ def inject_explicit(
     with _seeded(seed):
         for target in targets:
             cand = by_key[target.key]
-            _install(
-                network, target.key, cand, wrap_layer(cand.module, target.rank, target.alpha, use_cp=target.use_cp)
-            )
+            wrapped = wrap_layer(
+                cand.module, target.rank, target.alpha, use_cp=target.use_cp,
+                weight_decompose=target.weight_decompose, wd_on_output=target.wd_on_output,
+            )  # fmt: skip
+            _install(network, target.key, cand, wrapped)
     return network
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loha_train.loha import functional as LF
@@ -17,7 +18,7 @@ from loha_train.loha.kernels import (
     is_pointwise,
 )
 
-ADAPTER_SUFFIXES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha")
+ADAPTER_SUFFIXES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha", "dora_scale")
 
 
 class LoHaModule(nn.Module):
@@ -25,6 +26,11 @@ class LoHaModule(nn.Module):
 
     Parameters carry the on-disk names (hada_w1_a ... hada_t2) and `alpha` is a 0-dim buffer, so the
     module's own state is exactly what a LyCORIS file holds for it, minus the key prefix.
+
+    With `weight_decompose` (DoRA, LyCORIS's dora_wd) the module also trains `dora_scale`, a magnitude per output
+    row (`wd_on_output`, LyCORIS's default) or per input column, and its forward is one op on the decomposed weight
+    W' = (W + DeltaW) * (multiplier * (m / ||W + DeltaW|| - 1) + 1), as LyCORIS's LohaModule computes it. The norm
+    needs the whole merged weight, so DoRA layers take this plain path instead of the fused rank-r^2 kernels.
     """
 
     hada_w1_a: nn.Parameter
@@ -43,6 +49,8 @@ class LoHaModule(nn.Module):
         module_dropout: float = 0.0,
         multiplier: float = 1.0,
         rank_dropout_scale: bool = False,
+        weight_decompose: bool = False,
+        wd_on_output: bool = True,
     ) -> None:
         super().__init__()
         if rank < 1:
@@ -58,6 +66,11 @@ class LoHaModule(nn.Module):
         self.multiplier = multiplier
         self.merged = False
         self.register_buffer("alpha", torch.tensor(float(alpha), dtype=torch.float32))
+        self.weight_decompose = weight_decompose
+        self.wd_on_output = wd_on_output
+        self._unmerged_weight: Tensor | None = None  # DoRA's merge is not additive: the weight to restore
+        if weight_decompose:
+            self.dora_scale = nn.Parameter(LF.dora_scale_init(base.weight, wd_on_output))
 
     # Subclasses define the factor shapes, delta_weight() and adapter_forward().
     @property
@@ -94,6 +107,8 @@ class LoHaModule(nn.Module):
             return self.base(x)
         if self.training and self.module_dropout > 0 and float(torch.rand(())) < self.module_dropout:
             return self.base(x)
+        if self.weight_decompose:
+            return self.base_op(x, self.dora_weight())
         row_scale = self._row_scale(x.device)
         if self.fused and not self.base.weight.requires_grad and self._fusable() and not torch.compiler.is_compiling():
             return self.fused_forward(x, row_scale)
@@ -101,6 +116,23 @@ class LoHaModule(nn.Module):
 
     def _fusable(self) -> bool:
         return True
+
+    def dora_weight(self, *, dropout: bool = True) -> Tensor:
+        """DoRA's decomposed weight W' in the base weight's shape and dtype (rank dropout applied in training)."""
+        w = self.base.weight
+        delta = self.delta_weight()
+        if dropout and self.training and self.rank_dropout > 0:
+            keep = LF.rank_dropout_scale(self.out_features, self.rank_dropout, w.device, self.rank_dropout_scale)
+            delta = delta * keep.reshape(-1, *[1] * (delta.dim() - 1))
+        merged = w.float() + delta.float()
+        return LF.weight_decompose(merged, self.dora_scale, self.multiplier, self.wd_on_output).to(w.dtype)
+
+    def base_op(self, x: Tensor, weight: Tensor) -> Tensor:
+        """The base layer's op (with its bias) on another weight of the same shape."""
+        base = self.base
+        if isinstance(base, nn.Linear):
+            return F.linear(x, weight, base.bias)
+        return base._conv_forward(x, weight, base.bias)  # type: ignore[operator]
 
     def fused_forward(self, x: Tensor, row_scale: Tensor) -> Tensor:
         """base(x) + the adapter in one autograd node (kernels.py), by the cheaper path for this call."""
@@ -153,7 +185,11 @@ class LoHaModule(nn.Module):
         """Bake multiplier * DeltaW into the base weight; a second call does nothing."""
         if not self.merged:
             w = self.base.weight
-            w.add_((self.delta_weight() * self.multiplier).to(w.dtype))
+            if self.weight_decompose:
+                self._unmerged_weight = w.detach().clone()
+                w.copy_(self.dora_weight(dropout=False))
+            else:
+                w.add_((self.delta_weight() * self.multiplier).to(w.dtype))
             self.merged = True
 
     @torch.no_grad()
@@ -161,7 +197,11 @@ class LoHaModule(nn.Module):
         """Take the merged delta back out of the base weight; does nothing when not merged."""
         if self.merged:
             w = self.base.weight
-            w.sub_((self.delta_weight() * self.multiplier).to(w.dtype))
+            if self._unmerged_weight is not None:
+                w.copy_(self._unmerged_weight)
+                self._unmerged_weight = None
+            else:
+                w.sub_((self.delta_weight() * self.multiplier).to(w.dtype))
             self.merged = False
 
     def adapter_state(self) -> dict[str, Tensor]:
@@ -169,7 +209,8 @@ class LoHaModule(nn.Module):
         return {k: v for k, v in self.state_dict().items() if k in ADAPTER_SUFFIXES}
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={float(self.alpha):g}, cp={self.use_cp}"
+        dora = f", dora={'out' if self.wd_on_output else 'in'}" if self.weight_decompose else ""
+        return f"rank={self.rank}, alpha={float(self.alpha):g}, cp={self.use_cp}{dora}"
 
 
 class LoHaLinear(LoHaModule):
@@ -294,12 +335,16 @@ def wrap_layer(
     rank_dropout: float = 0.0,
     module_dropout: float = 0.0,
     rank_dropout_scale: bool = False,
+    weight_decompose: bool = False,
+    wd_on_output: bool = True,
 ) -> LoHaModule:
-    """Wrap an nn.Linear or nn.Conv2d in the matching LoHa module."""
+    """Wrap an nn.Linear or nn.Conv2d in the matching LoHa module (DoRA with `weight_decompose`)."""
     dropouts = {
         "rank_dropout": rank_dropout,
         "module_dropout": module_dropout,
         "rank_dropout_scale": rank_dropout_scale,
+        "weight_decompose": weight_decompose,
+        "wd_on_output": wd_on_output,
     }
     if isinstance(base, nn.Linear):
         return LoHaLinear(base, rank, alpha, **dropouts)

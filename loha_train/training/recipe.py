@@ -14,6 +14,7 @@ from loha_train.models.loading import load_models
 from loha_train.training.charts import loss_curve_png
 from loha_train.training.checkpoint import TrainState
 from loha_train.training.data_pipeline import build_data
+from loha_train.training.ema import AdapterEMA
 from loha_train.training.guards import check_launch, check_output_folder, refuse_sharded_engines, start_over
 from loha_train.training.metrics import MetricsLog
 from loha_train.training.optim import format_groups, lr_warnings, param_groups
@@ -81,6 +82,9 @@ def train(
     # --- optimizer, resume, the output folder and logs -----------------------------------------------------
     bundle, models, optimizer, lr_scheduler = prepare_for_training(cfg, accelerator, bundle, network, plan.total_steps)
     settings = resume_settings(cfg, data, model_hash(cfg.model.path))
+    ema = AdapterEMA(cfg.train.ema, network) if cfg.train.ema is not None else None
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)  # saved with every checkpoint, restored by --resume
     position, extra = Position(0, 0, 0), {"skipped_steps": 0}
     if resume_from is not None and start is not None:
         extra, position = dict(load_resumed(accelerator, resume_from, settings).extra), start
@@ -96,7 +100,7 @@ def train(
     meta = provenance(cfg, bundle, data, plan, network)
     last_checkpoint = position.step if resume_from is not None else -1
     run = Session(cfg, accelerator, bundle, network, data, plan, paths, models, optimizer, lr_scheduler, log, meta,
-                  settings, *position, extra=extra, last_checkpoint=last_checkpoint)  # fmt: skip
+                  settings, *position, extra=extra, last_checkpoint=last_checkpoint, ema=ema)  # fmt: skip
 
     # --- the loop ------------------------------------------------------------------------------------------
     if run.step == 0 and cfg.sample.at_start and cfg.sample.prompts:

@@ -34,7 +34,8 @@ def resume_settings(cfg: Config, pipeline: DataPipeline, base_hash: str) -> dict
     keep = {
         k: v
         for k, v in flat.items()
-        if (k.startswith(("model.", "network.", "data.")) or k in _RESUME_TRAIN) and k not in _RESUME_IGNORED
+        if (k.startswith(("model.", "network.", "data.", "train.ema")) or k in _RESUME_TRAIN)
+        and k not in _RESUME_IGNORED
     }
     keep["model.content_sha256"] = base_hash
     keep["data.content_sha256"] = pipeline.fingerprint["sha256"]

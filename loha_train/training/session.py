@@ -21,6 +21,7 @@ from loha_train.models.bundle import ModelBundle
 from loha_train.training import checkpoint
 from loha_train.training.checkpoint import TrainState
 from loha_train.training.data_pipeline import DataPipeline
+from loha_train.training.ema import AdapterEMA
 from loha_train.training.grad_check import check_gradients_arrived
 from loha_train.training.guards import TrainingError
 from loha_train.training.max_norm import apply_max_norm
@@ -59,6 +60,7 @@ class Session:
     last_sampled: int = -1
     gradients_checked: bool = False  # the first backward of this process is checked once (grad_check.py)
     norms: tuple[int, float, float] | None = None  # network.scale_weight_norms: (keys scaled, mean, max norm)
+    ema: AdapterEMA | None = None  # train.ema: the moving average, updated after every optimizer step
 
     def epoch_batches(self) -> Iterator[Any]:
         """This epoch's remaining micro-batches (consumed ones skipped after a resume)."""
@@ -91,6 +93,8 @@ class Session:
             self.optimizer.step()
         if cfg.network.scale_weight_norms:
             self.norms = apply_max_norm(self.network, cfg.network.scale_weight_norms)
+        if self.ema is not None and math.isfinite(loss_value):
+            self.ema.update(self.network)  # after max-norm: the average follows the weights the file would hold
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_value
@@ -139,15 +143,27 @@ class Session:
     def export_adapter(self, path: Path) -> None:
         if self.accelerator.is_main_process:
             stats = {"steps": self.step, "epoch": self.epoch, "finished_at": time.time(), **self.extra}
-            save_adapter(self.network, path, dtype=self.cfg.output.save_precision, metadata=self.metadata(stats))
+            if self.ema is not None:
+                stats["ema_updates"] = self.ema.optimization_step
+            with self._weights(self.cfg.output.export_ema):
+                save_adapter(self.network, path, dtype=self.cfg.output.save_precision, metadata=self.metadata(stats))
         self.accelerator.wait_for_everyone()
 
     def sample(self) -> None:
-        sample_now(self.cfg, self.bundle, self.accelerator, self.log, self.paths.samples, self.step)
+        with self._weights(self.cfg.sample.use_ema):
+            sample_now(self.cfg, self.bundle, self.accelerator, self.log, self.paths.samples, self.step)
         self.last_sampled = self.step
 
     def validate(self) -> None:
-        self.log.scalars(self.step, {"val_loss": validation_loss(self.cfg, self.bundle, self.accelerator, self.data)})
+        with self._weights(self.cfg.sample.use_ema):
+            loss = validation_loss(self.cfg, self.bundle, self.accelerator, self.data)
+        self.log.scalars(self.step, {"val_loss": loss})
+
+    def _weights(self, use_ema: bool) -> contextlib.AbstractContextManager:
+        """The EMA weights in the network for the block when asked (and kept), else the trained ones."""
+        if use_ema and self.ema is not None:
+            return self.ema.swapped(self.network)
+        return contextlib.nullcontext()
 
     def _no_sync(self) -> contextlib.AbstractContextManager:
         stack = contextlib.ExitStack()
