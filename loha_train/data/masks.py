@@ -81,9 +81,7 @@ def crop_mask(mask: Image.Image, plan: CropPlan, where: Path) -> torch.Tensor:
     return torch.from_numpy(np.asarray(mask, dtype=np.uint8).copy())
 
 
-def mask_source(
-    cfg: DataConfig, items: Sequence[ImageItem], optional: Sequence[ImageItem] = ()
-) -> MaskSource | None:
+def mask_source(cfg: DataConfig, items: Sequence[ImageItem], optional: Sequence[ImageItem] = ()) -> MaskSource | None:
     """The masks of `items` (and of `optional`, e.g. validation images) for data.alpha_mask / data.mask_path;
     None when masked loss is off.
 
