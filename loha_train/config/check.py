@@ -344,7 +344,7 @@ def iter_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, type, datacl
     for f in fields(cls):
         key = _join(prefix, f.name)
         inner, suffix = _unwrap(type_hints(cls)[f.name])
-        if not is_dataclass(inner) or suffix:
+        if not is_dataclass(inner) or suffix or f.default is None:  # an optional section (off when null) too
             yield key, cls, f
         if is_dataclass(inner):
             yield from iter_fields(inner, key + suffix)
