@@ -247,6 +247,11 @@ RANGE_ERRORS = [
     ({"train.save_every_steps": 0}, "train.save_every_steps", "must be >= 1"),
     ({"train.keep_last_checkpoints": 0}, "train.keep_last_checkpoints", "must be >= 1"),
     ({"train.validation_every_steps": 0}, "train.validation_every_steps", "must be >= 1"),
+    ({"train.ema.decay": 0}, "train.ema.decay", "must be in (0, 1]"),
+    ({"train.ema.update_after_step": -1}, "train.ema.update_after_step", "must be >= 0"),
+    ({"train.ema.inv_gamma": 0}, "train.ema.inv_gamma", "must be > 0"),
+    ({"train.ema.power": 0}, "train.ema.power", "must be > 0"),
+    ({"train.ema.min_decay": 1.5}, "train.ema.min_decay", "must be in [0, 1]"),
     ({"sample.prompts": [{"prompt": "a", "width": 100}]}, "sample.prompts[0].width", "multiple of 8"),
     ({"sample.prompts": [{"prompt": "a", "height": 0}]}, "sample.prompts[0].height", "multiple of 8"),
     ({"sample.prompts": [{"prompt": "a", "seed": -1}]}, "sample.prompts[0].seed", "must be >= 0"),
@@ -309,6 +314,9 @@ CONTRADICTIONS = [
         "train.scale_v_pred_loss_like_noise_pred",
         "needs a v-prediction model",
     ),
+    ({"train.ema.decay": 0.9, "train.ema.min_decay": 0.95}, "train.ema.min_decay", "must be <= train.ema.decay"),
+    ({"sample.use_ema": True}, "sample.use_ema", "needs EMA weights: set train.ema"),
+    ({"output.export_ema": True}, "output.export_ema", "needs EMA weights: set train.ema"),
 ]
 
 

@@ -179,13 +179,20 @@ def dora_scale_init(weight: Tensor, wd_on_output: bool) -> Tensor:
     return weight_norm(weight.detach().float(), wd_on_output)
 
 
-def weight_decompose(weight: Tensor, dora_scale: Tensor, multiplier: float, wd_on_output: bool) -> Tensor:
-    """W' from the merged weight W + DeltaW (any shape) and m; float32 like m, a float32 epsilon on the norm."""
+def dora_factor(weight: Tensor, dora_scale: Tensor, multiplier: float, wd_on_output: bool) -> Tensor:
+    """multiplier * (m / ||W + DeltaW|| - 1) + 1 in dora_scale's shape, from the merged weight W + DeltaW; float32.
+
+    W' is the merged weight times this factor, a scale per output row or per input column, so a layer can also
+    apply it to its output (rows) or its input (columns) instead of building W'.
+    """
     weight = weight.to(dora_scale.dtype)
     scale = dora_scale / (weight_norm(weight, wd_on_output) + torch.finfo(weight.dtype).eps)
-    if multiplier != 1:
-        scale = multiplier * (scale - 1) + 1
-    return weight * scale
+    return multiplier * (scale - 1) + 1 if multiplier != 1 else scale
+
+
+def weight_decompose(weight: Tensor, dora_scale: Tensor, multiplier: float, wd_on_output: bool) -> Tensor:
+    """W' from the merged weight W + DeltaW (any shape) and m; float32 like m, a float32 epsilon on the norm."""
+    return weight.to(dora_scale.dtype) * dora_factor(weight, dora_scale, multiplier, wd_on_output)
 
 
 # --- Dropout and initialisation ---------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ class LoHaModule(nn.Module):
     With `weight_decompose` (DoRA, LyCORIS's dora_wd) the module also trains `dora_scale`, a magnitude per output
     row (`wd_on_output`, LyCORIS's default) or per input column, and its forward is one op on the decomposed weight
     W' = (W + DeltaW) * (multiplier * (m / ||W + DeltaW|| - 1) + 1), as LyCORIS's LohaModule computes it. The norm
-    needs the whole merged weight, so DoRA layers take this plain path instead of the fused rank-r^2 kernels.
+    needs the merged weight, built from the factors once per call; W' itself never is (see dora_forward).
     """
 
     hada_w1_a: nn.Parameter
@@ -108,7 +108,7 @@ class LoHaModule(nn.Module):
         if self.training and self.module_dropout > 0 and float(torch.rand(())) < self.module_dropout:
             return self.base(x)
         if self.weight_decompose:
-            return self.base_op(x, self.dora_weight())
+            return self.dora_forward(x)
         row_scale = self._row_scale(x.device)
         if self.fused and not self.base.weight.requires_grad and self._fusable() and not torch.compiler.is_compiling():
             return self.fused_forward(x, row_scale)
@@ -117,22 +117,48 @@ class LoHaModule(nn.Module):
     def _fusable(self) -> bool:
         return True
 
-    def dora_weight(self, *, dropout: bool = True) -> Tensor:
-        """DoRA's decomposed weight W' in the base weight's shape and dtype (rank dropout applied in training)."""
+    def dora_weight(self) -> Tensor:
+        """DoRA's decomposed weight W' in the base weight's shape and dtype (no dropout: for merging)."""
         w = self.base.weight
-        delta = self.delta_weight()
-        if dropout and self.training and self.rank_dropout > 0:
-            keep = LF.rank_dropout_scale(self.out_features, self.rank_dropout, w.device, self.rank_dropout_scale)
-            delta = delta * keep.reshape(-1, *[1] * (delta.dim() - 1))
-        merged = w.float() + delta.float()
+        merged = w.float() + self.delta_weight().float()
         return LF.weight_decompose(merged, self.dora_scale, self.multiplier, self.wd_on_output).to(w.dtype)
 
-    def base_op(self, x: Tensor, weight: Tensor) -> Tensor:
-        """The base layer's op (with its bias) on another weight of the same shape."""
+    def dora_forward(self, x: Tensor) -> Tensor:
+        """op(x, W') without W' or its token-sized weight gradient: W' = (W + DeltaW) * f scales rows or columns.
+
+        f (a scale per output row or input column, LF.dora_factor) needs the merged weight's norm, which is built
+        from the factors (no token work); then a row factor scales the output of op(x, W) + the rank-r^2 adapter
+        path, a column factor scales the input of both. Rank dropout masks rows of DeltaW, norm included. Where
+        a token-sized weight-gradient product costs less than the rank-r^2 path (few tokens, narrow layers: the
+        same comparison as the fused kernels'), it runs one op on W' instead.
+        """
+        w = self.base.weight
+        delta, row_scale = self.delta_weight(), self._scale_t()
+        if self.training and self.rank_dropout > 0:
+            keep = LF.rank_dropout_scale(self.out_features, self.rank_dropout, w.device, self.rank_dropout_scale)
+            delta, row_scale = delta * keep.reshape(-1, *[1] * (delta.dim() - 1)), row_scale * keep
+        merged = w.float() + delta.float()
+        factored_cost, merged_cost = self.extra_cost(x)
+        if self.path == "merged" or (self.path == "auto" and merged_cost < factored_cost):
+            decomposed = LF.weight_decompose(merged, self.dora_scale, self.multiplier, self.wd_on_output)
+            return self.base_op(x, self.base.bias, decomposed.to(w.dtype))
+        factor = LF.dora_factor(merged, self.dora_scale, self.multiplier, self.wd_on_output)
+        factor = factor.reshape(-1, *[1] * (x.dim() - 2)) if isinstance(self.base, nn.Conv2d) else factor.reshape(-1)
+        factor = factor.to(x.dtype)
+        bias = self.base.bias
+        if self.wd_on_output:
+            y = (self.base_op(x, None) + self.adapter_forward(x, row_scale)) * factor
+            return y if bias is None else y + (bias.reshape(-1, *[1] * (x.dim() - 2)) if factor.dim() > 1 else bias)
+        x = x * factor
+        return self.base_op(x, bias) + self.adapter_forward(x, row_scale)
+
+    def base_op(self, x: Tensor, bias: Tensor | None, weight: Tensor | None = None) -> Tensor:
+        """The frozen layer's op with the given bias, on its own weight or on `weight` (same shape)."""
         base = self.base
+        weight = base.weight if weight is None else weight
         if isinstance(base, nn.Linear):
-            return F.linear(x, weight, base.bias)
-        return base._conv_forward(x, weight, base.bias)  # type: ignore[operator]
+            return F.linear(x, weight, bias)
+        return base._conv_forward(x, weight, bias)  # type: ignore[operator]
 
     def fused_forward(self, x: Tensor, row_scale: Tensor) -> Tensor:
         """base(x) + the adapter in one autograd node (kernels.py), by the cheaper path for this call."""
@@ -187,7 +213,7 @@ class LoHaModule(nn.Module):
             w = self.base.weight
             if self.weight_decompose:
                 self._unmerged_weight = w.detach().clone()
-                w.copy_(self.dora_weight(dropout=False))
+                w.copy_(self.dora_weight())
             else:
                 w.add_((self.delta_weight() * self.multiplier).to(w.dtype))
             self.merged = True
