@@ -31,7 +31,7 @@ from loha_train.data.check import CheckReport, check_images, read_image_size
 from loha_train.data.common import DataError, Problem, derive_rng
 from loha_train.data.dataset import ImageDataset, collate, ignore_stop_signals, plan_crops
 from loha_train.data.sampler import BucketBatchSampler, SampleRef
-from loha_train.data.scan import DatasetIndex, ImageItem, scan_dataset, split_validation
+from loha_train.data.scan import DatasetIndex, ImageItem, SourceSummary, scan_dataset, split_validation
 from loha_train.data.stats import (
     bucket_info,
     dataset_dirs,
@@ -39,6 +39,7 @@ from loha_train.data.stats import (
     images_times_repeats,
     tag_frequencies,
 )
+from loha_train.data.subsets import all_rules
 
 __all__ = [
     "Bucket",
@@ -53,7 +54,9 @@ __all__ = [
     "LatentCache",
     "Problem",
     "SampleRef",
+    "SourceSummary",
     "TextEmbeddingCache",
+    "all_rules",
     "assign_bucket",
     "bucket_info",
     "bucket_resolutions",

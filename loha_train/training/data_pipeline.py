@@ -42,11 +42,18 @@ class DataPipeline:
 
 def resolve_data_config(cfg: DataConfig) -> DataConfig:
     """cfg with `builtin:` dataset names replaced by their generated folders."""
-    updates = {
+    updates: dict[str, Any] = {
         key: str(builtin.resolve_builtin(value))
         for key in ("path", "reg_path", "validation_path")
         if isinstance(value := getattr(cfg, key), str) and builtin.is_builtin(value)
     }
+    if any(builtin.is_builtin(sub.path) for sub in cfg.subsets):
+        updates["subsets"] = tuple(
+            dataclasses.replace(sub, path=str(builtin.resolve_builtin(sub.path)))
+            if builtin.is_builtin(sub.path)
+            else sub
+            for sub in cfg.subsets
+        )
     return dataclasses.replace(cfg, **updates) if updates else cfg
 
 
@@ -93,10 +100,36 @@ def build_data(cfg: Config, bundle: ModelBundle, accelerator: Any, *, encode: bo
         + (f"; {len(report.problems)} bad file(s) skipped" if report.problems else "")
     )
     fingerprint = data.dataset_fingerprint(index)
-    notes = caption_notes(cfg, bundle, [item.caption for item in train_items], list_longest=not encode)
+    captions = [item.caption for item in train_items]
+    notes = source_notes(index, dataset) + caption_notes(cfg, bundle, captions, list_longest=not encode)
     return DataPipeline(
         index, data_cfg, dataset, sampler, loader, validation, len(report.problems), summary, fingerprint, notes
     )
+
+
+def source_notes(index: data.DatasetIndex, dataset: data.ImageDataset) -> tuple[str, ...]:
+    """One plan line per source and subset: kind, images, repeats, missing captions, bad rows; its buckets."""
+    if len(index.sources) < 2 and all(s.kind in ("folder", "kohya", "metadata") for s in index.sources):
+        return ()  # one folder: the data line says it all
+    bucket_of = {item.key: bucket for item, bucket in zip(dataset.items, dataset.buckets, strict=True)}
+    lines = []
+    for source in index.sources:
+        items = [i for i in index.train + index.reg if i.key.startswith(_key_prefix(source.key) + "/")]
+        buckets = sorted({bucket_of[i.key] for i in items})
+        repeats = "/".join(str(r) for r in source.repeats) or "-"
+        lines.append(
+            f"source {source.key} ({source.name}, {source.kind}{', regularization' if source.role == 'reg' else ''}): "
+            f"{len(items)} images x {repeats} repeats, {source.missing_captions} without caption"
+            + (f", {source.problems} bad" if source.problems else "")
+            + f"; buckets {', '.join(f'{w}x{h}' for w, h in buckets) or 'none'}"
+        )
+    return tuple(lines)
+
+
+def _key_prefix(config_key: str) -> str:
+    """The item-key prefix of a source (data.path -> train, data.subsets[1].path -> subsets[1])."""
+    fixed = {"data.path": "train", "data.reg_path": "reg"}
+    return fixed.get(config_key, config_key.removeprefix("data.").removesuffix(".path"))
 
 
 def caption_notes(cfg: Config, bundle: ModelBundle, captions: list[str], *, list_longest: bool) -> tuple[str, ...]:
@@ -126,7 +159,8 @@ def _small_images(dataset: data.ImageDataset, cfg: DataConfig) -> str:
 
 
 def _can_cache_text(cfg: Config) -> bool:
-    return cfg.data.cache_text_embeddings and not cfg.network.train_text_encoder and not data.captions_vary(cfg.data)
+    varies = any(data.captions_vary(rules) for rules in data.all_rules(cfg.data))
+    return cfg.data.cache_text_embeddings and not cfg.network.train_text_encoder and not varies
 
 
 def _identity(cfg: Config, part: str) -> str:
@@ -144,8 +178,17 @@ def latent_identity(cfg: Config, bundle: ModelBundle) -> str:
 
 
 def _latent_cache(cfg: Config, data_cfg: DataConfig, bundle: ModelBundle) -> data.LatentCache:
-    folder = latent_cache_folder(data_cfg.path) if data_cfg.cache_latents == "disk" else None
+    folder = latent_cache_folder(cache_home(data_cfg)) if data_cfg.cache_latents == "disk" else None
     return data.LatentCache(data_cfg.cache_latents, latent_identity(cfg, bundle), folder)  # type: ignore[arg-type]
+
+
+def cache_home(cfg: DataConfig) -> str:
+    """The data folder a disk cache belongs to: data.path's (or the first subset's); for a table file its folder;
+    for an hf: id a folder named after it under $LOHA_TRAIN_CACHE."""
+    path = cfg.path or cfg.subsets[0].path
+    if path.startswith("hf:"):
+        return str(builtin.cache_dir() / "hub" / path[3:].replace("/", "--"))
+    return str(Path(path).parent) if Path(path).is_file() else path
 
 
 def latent_cache_folder(data_path: str) -> Path:
