@@ -10,6 +10,7 @@ Typical use by the training recipe::
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
 """
 
+from loha_train.data import sources
 from loha_train.data.buckets import (
     Bucket,
     CropPlan,
@@ -39,7 +40,7 @@ from loha_train.data.stats import (
     images_times_repeats,
     tag_frequencies,
 )
-from loha_train.data.subsets import all_rules
+from loha_train.data.subsets import all_rules, source_configs
 
 __all__ = [
     "Bucket",
@@ -78,6 +79,8 @@ __all__ = [
     "randomize_plan",
     "read_image_size",
     "scan_dataset",
+    "source_configs",
+    "sources",
     "split_validation",
     "tag_frequencies",
 ]

@@ -57,6 +57,14 @@ def resolve_data_config(cfg: DataConfig) -> DataConfig:
     return dataclasses.replace(cfg, **updates) if updates else cfg
 
 
+def preflight_sources(cfg: DataConfig) -> None:
+    """Fail before any model loads when an hf: source is not in the local cache (an offline lookup, milliseconds)."""
+    for source in data.source_configs(cfg):
+        path = source.cfg.path or ""
+        if data.sources.is_hub(path):
+            data.sources.resolve_hub(path, cfg.hf_split, cfg.hf_revision, cfg.hf_config, source.key)
+
+
 def build_data(cfg: Config, bundle: ModelBundle, accelerator: Any, *, encode: bool = True) -> DataPipeline:
     """Scan and check every image up front, then (unless `encode` is False) fill the latent/text caches."""
     data_cfg = resolve_data_config(cfg.data)

@@ -13,7 +13,7 @@ from loha_train.models.detect import model_hash
 from loha_train.models.loading import load_models
 from loha_train.training.charts import loss_curve_png
 from loha_train.training.checkpoint import TrainState
-from loha_train.training.data_pipeline import build_data
+from loha_train.training.data_pipeline import build_data, preflight_sources
 from loha_train.training.guards import check_launch, check_output_folder, refuse_sharded_engines, start_over
 from loha_train.training.metrics import MetricsLog
 from loha_train.training.optim import lr_warnings
@@ -54,6 +54,7 @@ def train(
     )
     check_launch(accelerator)
     main = accelerator.is_main_process
+    preflight_sources(cfg.data)  # an uncached hf: dataset fails now, not after the models load
 
     # --- models, data, adapters and the plan ---------------------------------------------------------------
     bundle = load_models(cfg.model)
