@@ -364,3 +364,84 @@ def test_subsets_in_the_plan_and_exact_resume(shapes: Path, tmp_path: Path, offl
     train(split, resume="latest")
     assert losses(tmp_path / "straight") == losses(tmp_path / "split")
     assert same_adapter(tmp_path / "straight", tmp_path / "split")
+
+
+# ------------------------------------------------------------------------------------------------- streaming
+
+
+def stream_cfg(path: str, **options: Any) -> DataConfig:
+    return DataConfig(path=path, resolution=96, bucket_min_side=32, bucket_max_side=128, bucket_step=32,
+                      streaming=True, cache_latents="none", **options)  # fmt: skip
+
+
+def stream_spec(path: str) -> Any:
+    from loha_train.data.sources.tables import locate
+
+    return locate(path, data.sources.detect_source(path), "train", None, None, "data.path")
+
+
+def one_epoch(stream: data.StreamBatches) -> list[str]:
+    """The captions of one epoch of `stream` (its next batch already belongs to epoch 1)."""
+    captions: list[str] = []
+    while True:
+        batch = stream.next_batch()
+        if stream.epoch > 0:
+            return captions
+        captions += batch["captions"]
+
+
+@pytest.mark.parametrize("kind", ["shards", "parquet"])  # two shards: one per process; one file: every 2nd row
+def test_stream_processes_see_disjoint_rows_covering_the_epoch(
+    kind: str, shapes: Path, tmp_path: Path, offline_hf: Path
+) -> None:
+    path = make_source(kind, shapes, tmp_path / kind, offline_hf)
+    cfg, spec = stream_cfg(path), stream_spec(path)
+    seen = [one_epoch(data.StreamBatches(spec, cfg, 2, seed=1, rank=r, world=2)) for r in (0, 1)]
+    everything = [f.with_suffix(".txt").read_text().strip() for f in shape_files(shapes)]
+    assert len(seen[0]) + len(seen[1]) == 16 and seen[0] and seen[1]
+    assert sorted(seen[0] + seen[1]) == sorted(everything)  # each row once within the epoch, over both processes
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_stream_state_resumes_exactly_across_the_buffer_and_epochs(
+    world: int, shapes: Path, tmp_path: Path, offline_hf: Path
+) -> None:
+    (tmp_path / "s").mkdir()
+    table = shape_table(shapes).select([0, 12, 1, 13, 2, 3, 14, 4, 5, 6, 15, 7, 8, 9, 10, 11])  # buckets interleaved
+    table.select(range(8)).to_parquet(str(tmp_path / "s" / "train-00000-of-00002.parquet"))
+    table.select(range(8, 16)).to_parquet(str(tmp_path / "s" / "train-00001-of-00002.parquet"))
+    path = str(tmp_path / "s")
+    cfg, spec = stream_cfg(path, stream_buffer=3, shuffle_captions=True, caption_dropout=0.3), stream_spec(path)
+    for rank in range(world):
+        straight = data.StreamBatches(spec, cfg, 2, seed=5, rank=rank, world=world)
+        expected = [straight.next_batch() for _ in range(14)]  # several epochs
+        first = data.StreamBatches(spec, cfg, 2, seed=5, rank=rank, world=world)
+        cut = 0
+        while (cut < 3 or not first.buffer) and cut < 12:  # cut where rows wait in the bucket buffer
+            first.next_batch()
+            cut += 1
+        state = json.loads(json.dumps(first.state_dict()))  # it goes through train_state.json
+        resumed = data.StreamBatches(spec, cfg, 2, seed=5, rank=rank, world=world)
+        resumed.load_state_dict(state)
+        assert cut < 12 and resumed.buffer
+        for want in expected[cut:]:
+            got = resumed.next_batch()
+            assert got["captions"] == want["captions"]
+            assert torch.equal(got["pixels"], want["pixels"])
+
+
+def test_streaming_run_resumed_equals_uninterrupted(shapes: Path, tmp_path: Path, offline_hf: Path) -> None:
+    path = make_source("shards", shapes, tmp_path / "s", offline_hf)
+    options = {"path": path, "streaming": True, "cache_latents": "none", "stream_buffer": 3, "resolution": 96}
+    raw = tiny(tmp_path / "straight", **options)
+    raw["train"]["max_steps"] = 4
+    plan = "\n".join(train(raw))
+    assert "streaming" in plan and "buffer of 3 samples" in plan
+    split = copy.deepcopy(raw)
+    split["output"]["dir"] = str(tmp_path / "split")
+    split["train"]["max_steps"] = 2
+    train(split)
+    split["train"]["max_steps"] = 4
+    train(split, resume="latest")
+    assert losses(tmp_path / "straight") == losses(tmp_path / "split")
+    assert same_adapter(tmp_path / "straight", tmp_path / "split")

@@ -174,6 +174,11 @@ RULES: tuple[_Rule, ...] = (
         "a stream is read once per epoch and never materialised: set data.cache_latents: none (latents are "
         "encoded on the fly) and use data.validation_path instead of data.validation_split",
     ),
+    _Rule(
+        "data.streaming",
+        lambda data, train: data.streaming and train.max_steps is None,
+        "a stream's length is unknown until it ends: give train.max_steps (not train.epochs)",
+    ),
     _Rule("data.random_crop", lambda data: data.random_crop and data.cache_latents != "none", _NO_LATENT_CACHE),
     _Rule("data.flip", lambda data: data.flip and data.cache_latents != "none", _NO_LATENT_CACHE),
     _Rule(

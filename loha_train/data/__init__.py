@@ -40,6 +40,7 @@ from loha_train.data.stats import (
     images_times_repeats,
     tag_frequencies,
 )
+from loha_train.data.streaming import StreamBatches, stream_fingerprint
 from loha_train.data.subsets import all_rules, source_configs
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "Problem",
     "SampleRef",
     "SourceSummary",
+    "StreamBatches",
     "TextEmbeddingCache",
     "all_rules",
     "assign_bucket",
@@ -82,5 +84,6 @@ __all__ = [
     "source_configs",
     "sources",
     "split_validation",
+    "stream_fingerprint",
     "tag_frequencies",
 ]

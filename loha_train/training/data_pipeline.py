@@ -38,6 +38,7 @@ class DataPipeline:
     summary: str
     fingerprint: dict[str, Any]  # data.dataset_fingerprint of the checked index
     notes: tuple[str, ...] = ()  # plan lines about the data (captions longer than model.max_token_length)
+    stream: data.StreamBatches | None = None  # data.streaming: sampler and loader, its state in each checkpoint
 
 
 def resolve_data_config(cfg: DataConfig) -> DataConfig:
@@ -69,6 +70,8 @@ def build_data(cfg: Config, bundle: ModelBundle, accelerator: Any, *, encode: bo
     """Scan and check every image up front, then (unless `encode` is False) fill the latent/text caches."""
     data_cfg = resolve_data_config(cfg.data)
     seed = cfg.train.seed
+    if data_cfg.streaming:
+        return _stream_data(cfg, data_cfg, accelerator)
     index = data.scan_dataset(data_cfg, seed)
     with counter("checking images", enabled=accelerator.is_main_process) as progress:
         report = data.check_images(index, skip_bad=data_cfg.skip_bad_images, progress=progress)
@@ -113,6 +116,66 @@ def build_data(cfg: Config, bundle: ModelBundle, accelerator: Any, *, encode: bo
     return DataPipeline(
         index, data_cfg, dataset, sampler, loader, validation, len(report.problems), summary, fingerprint, notes
     )
+
+
+def _stream_data(cfg: Config, data_cfg: DataConfig, accelerator: Any) -> DataPipeline:
+    """data.streaming: nothing is read up front; each process streams its part of the table."""
+    path = data_cfg.path or ""
+    kind = data.sources.detect_source(path)
+    if data_cfg.subsets or data_cfg.reg_path or kind not in ("saved", "table", "shards", "hub"):
+        raise data.DataError(
+            "data.streaming reads one table source in data.path (a parquet/arrow/jsonl/csv file or folder of shards, "
+            f"a save_to_disk folder or hf:OWNER/NAME); got {path} ({kind}"
+            + (", with subsets or reg_path" if data_cfg.subsets or data_cfg.reg_path else "")
+            + "). Set data.streaming: false for folders, subsets and regularization images."
+        )
+    spec = data.sources.tables.locate(
+        path, kind, data_cfg.hf_split, data_cfg.hf_revision, data_cfg.hf_config, "data.path"
+    )
+    if isinstance(spec, Path):
+        raise data.DataError(f"data.path: {path} is an image folder in the cache; set data.streaming: false")
+    world, rank = accelerator.num_processes, accelerator.process_index
+    stream = data.StreamBatches(spec, data_cfg, cfg.train.batch_size, cfg.train.seed, rank, world)
+    validation = None
+    if data_cfg.validation_path:
+        held = dataclasses.replace(data_cfg, path=data_cfg.validation_path, validation_path=None, streaming=False)
+        checked = data.check_images(data.scan_dataset(held), skip_bad=data_cfg.skip_bad_images).index
+        validation = data.ImageDataset(checked.train, data_cfg, cfg.train.seed, augment=False)
+    index = data.DatasetIndex(config=data_cfg, layout="table", train=())
+    fingerprint = {"images": 0, "reg_images": 0, "validation_images": len(validation or ()), "repeats": 0,
+                   "reg_repeats": 0, "sha256": data.stream_fingerprint(spec)}  # fmt: skip
+    summary = (
+        f"streaming {spec.location} ({spec.format}, {len(spec.files)} file(s)), split over {world} process(es); "
+        f"aspect buckets filled from a buffer of {data_cfg.stream_buffer} samples; latents encoded on the fly; "
+        "the epoch length is unknown until the stream ends"
+    )
+    dataset = data.ImageDataset((), data_cfg, cfg.train.seed)
+    return DataPipeline(index, data_cfg, dataset, stream, stream, validation, 0, summary, fingerprint, stream=stream)  # type: ignore[arg-type]
+
+
+def stream_state(pipeline: DataPipeline, accelerator: Any) -> list[dict[str, Any]] | None:
+    """Every process's stream state (rank order), for the checkpoint; None without streaming."""
+    if pipeline.stream is None:
+        return None
+    state = pipeline.stream.state_dict()
+    if accelerator.num_processes == 1:
+        return [state]
+    from accelerate.utils import gather_object
+
+    return list(gather_object([state]))
+
+
+def restore_stream(pipeline: DataPipeline, accelerator: Any, extra: dict[str, Any]) -> None:
+    """Put this process's stream where the checkpoint left it (its own state, by rank)."""
+    if pipeline.stream is None:
+        return
+    states = extra.get("stream")
+    if not states or len(states) != accelerator.num_processes:
+        raise data.DataError(
+            "cannot resume a streaming run from this checkpoint: it holds no stream state for "
+            f"{accelerator.num_processes} process(es) (a stream resumes with the number of processes it was saved with)"
+        )
+    pipeline.stream.load_state_dict(states[accelerator.process_index])
 
 
 def source_notes(index: data.DatasetIndex, dataset: data.ImageDataset) -> tuple[str, ...]:
@@ -168,7 +231,8 @@ def _small_images(dataset: data.ImageDataset, cfg: DataConfig) -> str:
 
 def _can_cache_text(cfg: Config) -> bool:
     varies = any(data.captions_vary(rules) for rules in data.all_rules(cfg.data))
-    return cfg.data.cache_text_embeddings and not cfg.network.train_text_encoder and not varies
+    cacheable = cfg.data.cache_text_embeddings and not cfg.data.streaming  # a stream's captions are not known up front
+    return cacheable and not cfg.network.train_text_encoder and not varies
 
 
 def _identity(cfg: Config, part: str) -> str:
