@@ -272,6 +272,11 @@ CONTRADICTIONS = [
     ({"data.path": None}, "data.path", "or a list of data.subsets"),
     ({"data.subsets": [{"path": "b", "flip": True}]}, "data.subsets", "a subset sets random_crop or flip"),
     ({"data.streaming": True}, "data.streaming", "set data.cache_latents: none"),
+    (
+        {"data.streaming": True, "data.cache_latents": "none", "train.max_steps": None, "train.epochs": 2},
+        "data.streaming",
+        "give train.max_steps (not train.epochs)",
+    ),
     ({"train.epochs": None}, "train.max_steps", "give train.max_steps or train.epochs"),
     ({"train.max_steps": 100}, "train.epochs", "not both"),
     (

@@ -351,16 +351,16 @@ def test_subsets_take_their_own_repeats_caption_rules_and_reg_role(
 
 def test_subsets_in_the_plan_and_exact_resume(shapes: Path, tmp_path: Path, offline_hf: Path) -> None:
     raw = subsets_raw(shapes, tmp_path, offline_hf, tmp_path / "straight")
-    raw["train"] |= {"max_steps": 6}
+    raw["train"] |= {"max_steps": 4}
     plan = "\n".join(train(raw))
     assert "source data.subsets[0].path (concept, kohya): 6 images x 2 repeats, 0 without caption" in plan
     assert "source data.subsets[1].path (style, parquet table): 6 images x 3 repeats" in plan
     assert "source data.subsets[2].path (reg, folder, regularization): 4 images x 1 repeats, 0 without caption" in plan
     split = copy.deepcopy(raw)
     split["output"]["dir"] = str(tmp_path / "split")
-    split["train"]["max_steps"] = 3
+    split["train"]["max_steps"] = 2
     train(split)
-    split["train"]["max_steps"] = 6
+    split["train"]["max_steps"] = 4
     train(split, resume="latest")
     assert losses(tmp_path / "straight") == losses(tmp_path / "split")
     assert same_adapter(tmp_path / "straight", tmp_path / "split")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
 
@@ -63,6 +64,7 @@ def bucket_resolutions(cfg: DataConfig) -> tuple[Bucket, ...]:
     return tuple(sorted(buckets))
 
 
+@lru_cache(maxsize=1 << 16)  # large datasets repeat sizes: planning 100k table rows must take seconds
 def assign_bucket(size: tuple[int, int], cfg: DataConfig, buckets: tuple[Bucket, ...]) -> Bucket | None:
     """The bucket an image of `size` (width, height) trains in, or None if it cannot be placed.
 

@@ -52,12 +52,17 @@ def check_images(
     cfg = index.config
     buckets = bucket_resolutions(cfg) if cfg.bucketing else ()
     items = index.items
+    total = len(items)
     results: list[tuple[ImageItem, Problem | None]] = []
+    sized = [item for item in items if item.row is not None and item.size is not None]  # table size columns
+    if sized:
+        results += [_check_one(item, cfg, buckets) for item in sized]  # nothing to decode: no thread pool
+        items = tuple(item for item in items if not (item.row is not None and item.size is not None))
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
         for result in pool.map(lambda item: _check_one(item, cfg, buckets), items):
             results.append(result)
             if progress is not None:
-                progress(len(results), len(items))
+                progress(len(results), total)
 
     problems = list(index.problems) + [p for _, p in results if p is not None]
     if problems and not skip_bad:
@@ -77,7 +82,7 @@ def check_images(
     )
     _require_nonempty(cleaned, problems)
     _warn_crops(cleaned.items, cfg, buckets)
-    return CheckReport(index=cleaned, problems=tuple(problems), checked=len(items))
+    return CheckReport(index=cleaned, problems=tuple(problems), checked=total)
 
 
 def image_size(image: Image.Image) -> tuple[int, int]:

@@ -157,6 +157,9 @@ def read_table(spec: TableSpec, wanted: Columns, key: str) -> TableRead:
 
 
 def _is_binary(feature: Any) -> bool:
+    """Bytes in the cell: a binary column, or a {bytes, path} struct written without the Image feature's metadata."""
+    if isinstance(feature, dict) and "bytes" in feature:
+        return True
     return getattr(feature, "dtype", None) in ("binary", "large_binary")
 
 
