@@ -226,6 +226,13 @@ RANGE_ERRORS = [
     ({"data.prior_loss_weight": -1}, "data.prior_loss_weight", "must be >= 0"),
     ({"data.num_workers": -1}, "data.num_workers", "must be >= 0"),
     ({"data.validation_split": 1.0}, "data.validation_split", "must be in [0, 1)"),
+    ({"data.stream_buffer": 0}, "data.stream_buffer", "must be >= 1"),
+    ({"data.subsets": [{"path": "a", "repeats": 0}]}, "data.subsets[0].repeats", "must be >= 1"),
+    ({"data.subsets": [{"path": "a", "caption_extension": "txt"}]}, "data.subsets[0].caption_extension", "'.'"),
+    ({"data.subsets": [{"path": "a", "keep_tokens": -1}]}, "data.subsets[0].keep_tokens", "must be >= 0"),
+    ({"data.subsets": [{"path": "a", "caption_dropout": 1}]}, "data.subsets[0].caption_dropout", "in [0, 1)"),
+    ({"data.subsets": [{"path": "a", "tag_dropout": -1}]}, "data.subsets[0].tag_dropout", "in [0, 1)"),
+    ({"data.subsets": [{"path": "a", "prior_loss_weight": -1}]}, "data.subsets[0].prior_loss_weight", ">= 0"),
     ({"train.epochs": None, "train.max_steps": 0}, "train.max_steps", "must be >= 1"),
     ({"train.epochs": 0}, "train.epochs", "must be >= 1"),
     ({"train.batch_size": 0}, "train.batch_size", "must be >= 1"),
@@ -280,6 +287,14 @@ RANGE_ERRORS = [
 ]
 
 CONTRADICTIONS = [
+    ({"data.path": None}, "data.path", "or a list of data.subsets"),
+    ({"data.subsets": [{"path": "b", "random_crop": True}]}, "data.subsets", "a subset sets random_crop"),
+    ({"data.streaming": True}, "data.streaming", "set data.cache_latents: none"),
+    (
+        {"data.streaming": True, "data.cache_latents": "none", "train.max_steps": None, "train.epochs": 2},
+        "data.streaming",
+        "give train.max_steps (not train.epochs)",
+    ),
     ({"train.epochs": None}, "train.max_steps", "give train.max_steps or train.epochs"),
     ({"train.max_steps": 100}, "train.epochs", "not both"),
     (
@@ -625,7 +640,7 @@ def test_config_table_lists_every_key() -> None:
             assert f"| **{key}** |" in table
         else:
             assert f"| `{key}` |" in table
-    assert "| `data.path` | str | **required** |" in table
+    assert "| `model.path` | str | **required** |" in table
     assert "| `network.alpha` | float | `4.0` | scale = alpha / rank |" in table
 
 

@@ -72,6 +72,13 @@ FIELD_RULES: dict[str, FieldRule] = {
     "data.prior_loss_weight": _NON_NEGATIVE,
     "data.num_workers": _NON_NEGATIVE,
     "data.validation_split": _FRACTION,
+    "data.stream_buffer": _AT_LEAST_1,
+    "data.subsets[].repeats": _AT_LEAST_1,
+    "data.subsets[].caption_extension": _EXTENSION,
+    "data.subsets[].keep_tokens": _NON_NEGATIVE,
+    "data.subsets[].caption_dropout": _FRACTION,
+    "data.subsets[].tag_dropout": _FRACTION,
+    "data.subsets[].prior_loss_weight": _NON_NEGATIVE,
     "train.max_steps": _AT_LEAST_1,
     "train.epochs": _AT_LEAST_1,
     "train.batch_size": _AT_LEAST_1,
@@ -189,6 +196,28 @@ RULES: tuple[_Rule, ...] = (
         "network.targets",
         lambda network: network.preset == "none" and not network.targets,
         "with network.preset: none, list at least one module regex in network.targets",
+    ),
+    _Rule(
+        "data.path",
+        lambda data: data.path is None and not data.subsets,
+        "required: give data.path (a folder, a parquet/arrow/jsonl/csv file or folder of shards, a save_to_disk "
+        "folder or hf:OWNER/NAME) or a list of data.subsets",
+    ),
+    _Rule(
+        "data.subsets",
+        lambda data: data.cache_latents != "none" and any(bool(s.random_crop) for s in data.subsets),
+        "a subset sets random_crop; " + _NO_LATENT_CACHE,
+    ),
+    _Rule(
+        "data.streaming",
+        lambda data: data.streaming and (data.validation_split > 0 or data.cache_latents != "none"),
+        "a stream is read once per epoch and never materialised: set data.cache_latents: none (latents are "
+        "encoded on the fly) and use data.validation_path instead of data.validation_split",
+    ),
+    _Rule(
+        "data.streaming",
+        lambda data, train: data.streaming and train.max_steps is None,
+        "a stream's length is unknown until it ends: give train.max_steps (not train.epochs)",
     ),
     _Rule("data.random_crop", lambda data: data.random_crop and data.cache_latents != "none", _NO_LATENT_CACHE),
     _Rule(

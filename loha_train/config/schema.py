@@ -81,14 +81,40 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True)
+class SubsetConfig:
+    """One entry of `data.subsets` (kohya's [[datasets.subsets]]): unset fields take the top-level `data.*` value."""
+
+    path: str  # any data.path source: folder, kohya N_name folder, imagefolder, save_to_disk, parquet/..., hf:
+    name: str | None = None  # subset name in the plan and ss_tag_frequency; default: the folder or file name
+    repeats: int | None = None  # kohya num_repeats; default: data.repeats (reg subsets: data.reg_repeats)
+    is_reg: bool = False  # regularization (class) images, as kohya's is_reg
+    caption_extension: str | None = None  # default: data.caption_extension
+    default_caption: str | None = None  # kohya class_tokens: caption of images without one
+    trigger_word: str | None = None  # default: data.trigger_word (never applied to reg subsets)
+    caption_prefix: str | None = None  # default: data.caption_prefix
+    caption_suffix: str | None = None  # default: data.caption_suffix
+    shuffle_captions: bool | None = None  # kohya shuffle_caption; default: data.shuffle_captions
+    keep_tokens: int | None = None  # default: data.keep_tokens
+    caption_dropout: float | None = None  # kohya caption_dropout_rate; default: data.caption_dropout
+    tag_dropout: float | None = None  # kohya caption_tag_dropout_rate; default: data.tag_dropout
+    flip: bool | None = None  # kohya flip_aug; default: data.flip
+    random_crop: bool | None = None  # default: data.random_crop
+    prior_loss_weight: float | None = None  # loss weight of this subset's images when is_reg; default: data's
+    image_column: str | None = None  # default: data.image_column
+    caption_column: str | None = None  # default: data.caption_column
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """`data:` the training images, captions and caches."""
 
-    path: str  # folder of images + .txt captions, kohya N_name subfolders, metadata.jsonl, or builtin:shapes
+    path: str | None = None  # image folder, kohya N_name folders, imagefolder, save_to_disk, parquet/..., hf:OWNER/NAME
     repeats: int = 1  # times each image is seen per epoch (N_name subfolders override it)
     caption_extension: str = ".txt"  # caption file next to each image
     default_caption: str | None = None  # caption for images without one
     trigger_word: str | None = None  # prepended to every caption (kept first when shuffling)
+    caption_prefix: str | None = None  # kohya's: "<prefix> <caption>" before shuffling and dropout
+    caption_suffix: str | None = None  # kohya's: "<caption> <suffix>" before shuffling and dropout
     shuffle_captions: bool = False  # shuffle comma-separated tags each step
     keep_tokens: int = 0  # leading tags that shuffling and tag dropout leave in place
     caption_separator: str = ","  # tag separator for shuffling and tag dropout
@@ -115,6 +141,16 @@ class DataConfig:
     skip_bad_images: bool = False  # warn and skip unreadable images instead of stopping
     alpha_mask: bool = False  # masked loss: weight the loss by each image's alpha channel (kohya's alpha_mask)
     mask_path: str | None = None  # masked loss: folder of mask images named like the images (white = trained)
+    subsets: tuple[SubsetConfig, ...] = ()  # several sources, each with its own repeats/caption rules (after path)
+    image_column: str | None = None  # table sources: image column; auto: image, img, file_name, ...
+    caption_column: str | None = None  # table sources: caption column; auto: text, caption, prompt, tags
+    width_column: str | None = None  # table sources: pixel width column (auto: width); skips decoding to bucket
+    height_column: str | None = None  # table sources: pixel height column (auto: height)
+    hf_split: str = "train"  # hf:OWNER/NAME sources: the split
+    hf_revision: str | None = None  # hf: sources: branch, tag or commit in the local HF cache; default: main
+    hf_config: str | None = None  # hf: sources: the dataset config (subset) name
+    streaming: bool = False  # train from an IterableDataset without materialising it (table and hf: sources)
+    stream_buffer: int = 256  # streaming: samples held while filling aspect buckets
 
 
 @dataclass(frozen=True)
@@ -301,6 +337,7 @@ SCHEMA = Schema(root=Config, field_rules=FIELD_RULES, shorthands={SamplePrompt: 
 # config file), and are stored absolute, so the copy of the config saved with a run works from anywhere.
 
 BUILTIN_PREFIX = "builtin:"
+HUB_PREFIX = "hf:"  # data sources read from the local Hugging Face cache
 _INPUT_PATHS = (
     "model.path",
     "model.vae_path",
@@ -320,21 +357,33 @@ def _absolute_paths(sections: dict[str, Any]) -> dict[str, Any]:
     for key in _INPUT_PATHS + _OUTPUT_PATHS:
         section, name = key.split(".")
         value = getattr(out[section], name, None) if out[section] is not INVALID else None
-        if value is not None and not value.startswith(BUILTIN_PREFIX):
+        if value is not None and not value.startswith((BUILTIN_PREFIX, HUB_PREFIX)):
             out[section] = replace(out[section], **{name: os.path.abspath(os.path.expanduser(value))})
+    data = out.get("data")
+    if data is not None and data is not INVALID and data.subsets:
+        subsets = tuple(replace(sub, path=_absolute(sub.path)) for sub in data.subsets)
+        out["data"] = replace(data, subsets=subsets)
     return out
+
+
+def _absolute(value: str) -> str:
+    return value if value.startswith((BUILTIN_PREFIX, HUB_PREFIX)) else os.path.abspath(os.path.expanduser(value))
 
 
 def _path_problems(sections: Mapping[str, Any], raw: Mapping[str, Any]) -> Iterator[ConfigProblem]:
     for key in _INPUT_PATHS + _OUTPUT_PATHS:
         section, name = key.split(".")
         value = _path_value(sections[section], raw.get(section), name)
-        if value is None or value.startswith(BUILTIN_PREFIX):
+        if value is None or value.startswith((BUILTIN_PREFIX, HUB_PREFIX)):
             continue
         if key in _INPUT_PATHS and not os.path.exists(value):
             yield ConfigProblem(key, f"does not exist: {value}")
         elif key in _OUTPUT_PATHS and (problem := write_problem(value)):
             yield ConfigProblem(key, f"{problem}: {value}; choose a folder you can write to")
+    data = sections.get("data")
+    for i, sub in enumerate(data.subsets if data is not None and data is not INVALID else ()):
+        if not sub.path.startswith((BUILTIN_PREFIX, HUB_PREFIX)) and not os.path.exists(sub.path):
+            yield ConfigProblem(f"data.subsets[{i}].path", f"does not exist: {sub.path}")
 
 
 def _path_value(section: Any, raw_section: Any, name: str) -> str | None:
@@ -343,7 +392,7 @@ def _path_value(section: Any, raw_section: Any, name: str) -> str | None:
     if section is not INVALID:
         return getattr(section, name, None)
     value = raw_section.get(name) if isinstance(raw_section, Mapping) else None
-    if not isinstance(value, str) or value.startswith(BUILTIN_PREFIX):
+    if not isinstance(value, str) or value.startswith((BUILTIN_PREFIX, HUB_PREFIX)):
         return None
     return os.path.abspath(os.path.expanduser(value))
 

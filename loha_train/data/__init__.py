@@ -10,6 +10,7 @@ Typical use by the training recipe::
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
 """
 
+from loha_train.data import sources
 from loha_train.data.buckets import (
     Bucket,
     CropPlan,
@@ -31,7 +32,7 @@ from loha_train.data.check import CheckReport, check_images, read_image_size
 from loha_train.data.common import DataError, Problem, derive_rng
 from loha_train.data.dataset import ImageDataset, collate, ignore_stop_signals, plan_crops
 from loha_train.data.sampler import BucketBatchSampler, SampleRef
-from loha_train.data.scan import DatasetIndex, ImageItem, scan_dataset, split_validation
+from loha_train.data.scan import DatasetIndex, ImageItem, SourceSummary, scan_dataset, split_validation
 from loha_train.data.stats import (
     bucket_info,
     dataset_dirs,
@@ -39,6 +40,8 @@ from loha_train.data.stats import (
     images_times_repeats,
     tag_frequencies,
 )
+from loha_train.data.streaming import StreamBatches, stream_fingerprint
+from loha_train.data.subsets import all_rules, source_configs
 
 __all__ = [
     "Bucket",
@@ -53,7 +56,10 @@ __all__ = [
     "LatentCache",
     "Problem",
     "SampleRef",
+    "SourceSummary",
+    "StreamBatches",
     "TextEmbeddingCache",
+    "all_rules",
     "assign_bucket",
     "bucket_info",
     "bucket_resolutions",
@@ -75,6 +81,9 @@ __all__ = [
     "randomize_plan",
     "read_image_size",
     "scan_dataset",
+    "source_configs",
+    "sources",
     "split_validation",
+    "stream_fingerprint",
     "tag_frequencies",
 ]

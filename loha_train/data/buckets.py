@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -62,6 +64,7 @@ def bucket_resolutions(cfg: DataConfig) -> tuple[Bucket, ...]:
     return tuple(sorted(buckets))
 
 
+@lru_cache(maxsize=1 << 16)  # large datasets repeat sizes: planning 100k table rows must take seconds
 def assign_bucket(size: tuple[int, int], cfg: DataConfig, buckets: tuple[Bucket, ...]) -> Bucket | None:
     """The bucket an image of `size` (width, height) trains in, or None if it cannot be placed.
 
@@ -131,7 +134,7 @@ def randomize_plan(plan: CropPlan, random_crop: bool, flip: bool, rng: np.random
     return replace(plan, left=left, top=top, flip=mirrored)
 
 
-def open_rgb(path: Path) -> Image.Image:
+def open_rgb(path: Path | BinaryIO) -> Image.Image:
     """The image as the viewer shows it: EXIF orientation applied, transparency composited on white."""
     with Image.open(path) as image:
         image = to_8bit(ImageOps.exif_transpose(image))
@@ -142,12 +145,14 @@ def open_rgb(path: Path) -> Image.Image:
         return image.convert("RGB")
 
 
-def load_pixels(path: Path, plan: CropPlan) -> torch.Tensor:
-    """The cropped image as a float32 tensor (3, H, W) in [-1, 1], H x W = plan.target (height, width)."""
+def load_pixels(path: Path | BinaryIO, plan: CropPlan, where: str | None = None) -> torch.Tensor:
+    """The cropped image as a float32 tensor (3, H, W) in [-1, 1], H x W = plan.target (height, width).
+
+    `path` is a file or the bytes of a table row (`where` names it in messages)."""
     image = open_rgb(path)
     if image.size != plan.original:
         raise DataError(
-            f"{path}: the image is {image.size[0]}x{image.size[1]} but was {plan.original[0]}x"
+            f"{where or path}: the image is {image.size[0]}x{image.size[1]} but was {plan.original[0]}x"
             f"{plan.original[1]} when the dataset was checked; it changed during the run"
         )
     if image.size != plan.resized:

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from loha_train.config import DataConfig
 from loha_train.data.buckets import CropPlan, load_pixels
 from loha_train.data.captions import captions_vary
-from loha_train.data.common import DataError, non_finite_latents, sha256_file
+from loha_train.data.common import DataError, non_finite_latents
 from loha_train.data.masks import MaskSource
 from loha_train.data.scan import ImageItem
 
@@ -125,7 +125,7 @@ class LatentCache:
 
     def key(self, item: ImageItem, plan: CropPlan) -> str:
         """The cache key of `item` cropped by `plan` (hashes the file when check_images did not)."""
-        memo = (item.path, plan)
+        memo = (item.key, plan)
         if memo not in self._keys:
             self._keys[memo] = _digest(self._description(item, plan))
         return self._keys[memo]
@@ -136,7 +136,7 @@ class LatentCache:
             "format": CACHE_FORMAT,
             "kind": "latents",
             "vae": self.vae_id,
-            "image_sha256": item.sha256 or sha256_file(item.path),
+            "image_sha256": item.content_id(),  # table rows without a hash: dataset fingerprint + row
             "original": list(plan.original),
             "resized": list(plan.resized),
             "target": list(plan.target),
@@ -186,7 +186,7 @@ class LatentCache:
         todo: dict[str, tuple[ImageItem, CropPlan]],
         encode: Callable[[torch.Tensor], torch.Tensor],
     ) -> None:
-        pixels = torch.stack([load_pixels(todo[k][0].path, todo[k][1]) for k in keys])
+        pixels = torch.stack([load_pixels(todo[k][0].image_source(), todo[k][1], todo[k][0].where) for k in keys])
         with torch.no_grad():
             latents = encode(pixels)
         if latents.shape[0] != len(keys):
@@ -194,7 +194,7 @@ class LatentCache:
         for key, latent in zip(keys, latents, strict=True):
             item, plan = todo[key]
             if not torch.isfinite(latent).all():
-                raise non_finite_latents(str(item.path))
+                raise non_finite_latents(item.where)
             tensors = {"latents": latent.to(self.dtype)}
             mask = self.masks.load(item, plan) if self.masks is not None else None
             if mask is not None:
@@ -230,7 +230,7 @@ class LatentCache:
         tensors = self._store.load(self.key(item, plan))
         if tensors is None:
             raise DataError(
-                f"{item.path}: no cached latents for this crop; the latent cache was not prepared for it "
+                f"{item.where}: no cached latents for this crop; the latent cache was not prepared for it "
                 "(random crop needs data.cache_latents: none) or its file was removed during the run"
             )
         return tensors
@@ -238,15 +238,21 @@ class LatentCache:
 
 def fixed_captions(items: Iterable[ImageItem], cfg: DataConfig) -> list[str]:
     """Every caption training can use when captions are fixed: each item's, plus "" for caption dropout."""
-    if captions_vary(cfg):
+    items = tuple(items)
+    if any(captions_vary(rules) for rules in _rules_of(items, cfg)):
         raise DataError(
             "text embeddings can only be cached for fixed captions: turn off data.shuffle_captions, "
             "data.tag_dropout and data.caption_wildcards, or set data.cache_text_embeddings: false"
         )
     captions = {item.caption for item in items}
-    if cfg.caption_dropout > 0:
+    if any(rules.caption_dropout > 0 for rules in _rules_of(items, cfg)):
         captions.add("")
     return sorted(captions)
+
+
+def _rules_of(items: Iterable[ImageItem], cfg: DataConfig) -> list[DataConfig]:
+    """The top-level rules and each subset's that `items` use."""
+    return [cfg, *{id(i.rules): i.rules for i in items if i.rules is not None}.values()]
 
 
 class TextEmbeddingCache:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
@@ -51,12 +52,17 @@ def check_images(
     cfg = index.config
     buckets = bucket_resolutions(cfg) if cfg.bucketing else ()
     items = index.items
+    total = len(items)
     results: list[tuple[ImageItem, Problem | None]] = []
+    sized = [item for item in items if item.row is not None and item.size is not None]  # table size columns
+    if sized:
+        results += [_check_one(item, cfg, buckets) for item in sized]  # nothing to decode: no thread pool
+        items = tuple(item for item in items if not (item.row is not None and item.size is not None))
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
         for result in pool.map(lambda item: _check_one(item, cfg, buckets), items):
             results.append(result)
             if progress is not None:
-                progress(len(results), len(items))
+                progress(len(results), total)
 
     problems = list(index.problems) + [p for _, p in results if p is not None]
     if problems and not skip_bad:
@@ -76,7 +82,7 @@ def check_images(
     )
     _require_nonempty(cleaned, problems)
     _warn_crops(cleaned.items, cfg, buckets)
-    return CheckReport(index=cleaned, problems=tuple(problems), checked=len(items))
+    return CheckReport(index=cleaned, problems=tuple(problems), checked=total)
 
 
 def image_size(image: Image.Image) -> tuple[int, int]:
@@ -87,7 +93,7 @@ def image_size(image: Image.Image) -> tuple[int, int]:
     return width, height
 
 
-def read_image_size(path: Path) -> tuple[int, int]:
+def read_image_size(path: Path | BinaryIO) -> tuple[int, int]:
     """(width, height) of an image file as displayed, from its header."""
     with Image.open(path) as image:
         return image_size(image)
@@ -95,12 +101,14 @@ def read_image_size(path: Path) -> tuple[int, int]:
 
 def _check_one(item: ImageItem, cfg: DataConfig, buckets: tuple[Bucket, ...]) -> tuple[ImageItem, Problem | None]:
     def problem(message: str) -> tuple[ImageItem, Problem]:
-        return item, Problem(item.path, message, item_key=item.key)
+        return item, Problem(item.path, f"row {item.row.row}: {message}" if item.row else message, item_key=item.key)
 
+    if item.row is not None and item.size is not None:
+        return _check_size(item, item.size, cfg, buckets, problem)  # size columns: planned without decoding
     try:
-        data = item.path.read_bytes()
-    except OSError as e:
-        return problem(f"cannot read the file ({e.strerror or e})")
+        data = item.read_bytes()
+    except (OSError, DataError) as e:
+        return problem(f"cannot read the file ({getattr(e, 'strerror', None) or e})")
     if not data:
         return problem("empty file (0 bytes); re-export or re-download it")
     try:
@@ -115,7 +123,16 @@ def _check_one(item: ImageItem, cfg: DataConfig, buckets: tuple[Bucket, ...]) ->
         return problem(f"image too large to open safely ({e})")
     except (OSError, SyntaxError, ValueError) as e:
         return problem(f"truncated or corrupt image ({e}); re-export or re-download it")
-    checked = replace(item, size=size, sha256=sha256_bytes(data))
+    return _check_size(replace(item, size=size, sha256=sha256_bytes(data)), size, cfg, buckets, problem)
+
+
+def _check_size(
+    checked: ImageItem,
+    size: tuple[int, int],
+    cfg: DataConfig,
+    buckets: tuple[Bucket, ...],
+    problem: Callable[[str], tuple[ImageItem, Problem]],
+) -> tuple[ImageItem, Problem | None]:
     ratio = max(size) / max(1, min(size))
     if ratio > cfg.max_aspect_ratio:
         return problem(

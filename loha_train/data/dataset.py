@@ -26,10 +26,10 @@ def plan_crops(items: Sequence[ImageItem], cfg: DataConfig) -> tuple[CropPlan, .
     buckets = bucket_resolutions(cfg) if cfg.bucketing else ()
     plans = []
     for item in items:
-        size = item.size or read_image_size(item.path)
+        size = item.size or read_image_size(item.image_source())
         bucket = assign_bucket(size, cfg, buckets)
         if bucket is None:
-            raise DataError(f"{item.path}: {size[0]}x{size[1]} is too small for any bucket; run check_images")
+            raise DataError(f"{item.where}: {size[0]}x{size[1]} is too small for any bucket; run check_images")
         plans.append(plan_crop(size, bucket))
     return tuple(plans)
 
@@ -62,8 +62,11 @@ class ImageDataset(Dataset):
         self.text = text
         self.masks = masks
         self.plans = plan_crops(self.items, cfg)
-        if latents is not None and augment and cfg.random_crop:
+        if latents is not None and augment and any(r.random_crop for r in self._all_rules()):
             raise DataError("data.random_crop needs data.cache_latents: none")
+
+    def _all_rules(self) -> list[DataConfig]:
+        return [self.cfg, *{id(i.rules): i.rules for i in self.items if i.rules is not None}.values()]
 
     @property
     def buckets(self) -> tuple[tuple[int, int], ...]:
@@ -73,8 +76,8 @@ class ImageDataset(Dataset):
     def cache_entries(self) -> list[tuple[ImageItem, CropPlan]]:
         """(item, plan) pairs for LatentCache.prepare: with flip (training) each plan and its mirror."""
         entries = list(zip(self.items, self.plans, strict=True))
-        if self.augment and self.cfg.flip:
-            entries += [(item, replace(plan, flip=True)) for item, plan in entries]
+        if self.augment:  # a subset's own flip rule decides for its images
+            entries += [(item, replace(plan, flip=True)) for item, plan in entries if (item.rules or self.cfg).flip]
         return entries
 
     def __len__(self) -> int:
@@ -82,17 +85,18 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, ref: SampleRef) -> dict[str, Any]:
         item, plan = self.items[ref.item], self.plans[ref.item]
+        rules = item.rules or self.cfg  # a subset's own caption rules, flip, random_crop, prior_loss_weight
         caption = item.caption
         if self.augment:
-            caption = process_caption(caption, self.cfg, caption_rng(self.seed, ref.epoch, ref.slot))
-            if self.cfg.random_crop or self.cfg.flip:
+            caption = process_caption(caption, rules, caption_rng(self.seed, ref.epoch, ref.slot))
+            if rules.random_crop or rules.flip:
                 rng = derive_rng(self.seed, "crop", ref.epoch, ref.slot)
-                plan = randomize_plan(plan, self.cfg.random_crop, self.cfg.flip, rng)
+                plan = randomize_plan(plan, rules.random_crop, rules.flip, rng)
         sample: dict[str, Any] = {
             "key": item.key,
             "caption": caption,
             "is_reg": item.is_reg,
-            "loss_weight": self.cfg.prior_loss_weight if item.is_reg else 1.0,
+            "loss_weight": rules.prior_loss_weight if item.is_reg else 1.0,
             "original_size": (plan.original[1], plan.original[0]),
             "crop_top_left": plan.crop_top_left,
             "target_size": (plan.target[1], plan.target[0]),
@@ -102,7 +106,7 @@ class ImageDataset(Dataset):
             cached = self.latents.entry(item, plan)
             sample["latents"], mask = cached["latents"], cached.get("mask")
         else:
-            sample["pixels"] = load_pixels(item.path, plan)
+            sample["pixels"] = load_pixels(item.image_source(), plan, item.where)
             mask = self.masks.load(item, plan) if self.masks is not None else None
         if self.masks is not None:
             sample["mask"] = mask  # None: this image has no mask (weighs 1 everywhere)

@@ -24,9 +24,9 @@ from loha_train.data.scan import ImageItem
 _ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 
 
-def has_alpha(path: Path) -> bool:
+def has_alpha(item: ImageItem) -> bool:
     """Whether the image carries transparency (an alpha band, or a palette/greyscale transparency entry)."""
-    with Image.open(path) as image:
+    with Image.open(item.image_source()) as image:
         return image.mode in _ALPHA_MODES or "transparency" in image.info
 
 
@@ -49,10 +49,10 @@ class MaskSource:
         if item.key not in self.with_mask:
             return None
         if self.alpha:
-            with Image.open(item.path) as image:
+            with Image.open(item.image_source()) as image:
                 image = ImageOps.exif_transpose(to_8bit(image))
                 mask = image.convert("RGBA").getchannel("A")
-            where = item.path
+            where = item.where
         else:
             where = self.files[item.key]
             with Image.open(where) as image:
@@ -66,7 +66,7 @@ class MaskSource:
         return f"; masked loss ({source}): {masked} image(s) with a mask, {len(items) - masked} without"
 
 
-def crop_mask(mask: Image.Image, plan: CropPlan, where: Path) -> torch.Tensor:
+def crop_mask(mask: Image.Image, plan: CropPlan, where: Path | str) -> torch.Tensor:
     """A single-band mask image put through the image's resize, crop and flip (`load_pixels`' steps)."""
     if mask.size != plan.original:
         raise DataError(
@@ -91,7 +91,7 @@ def mask_source(cfg: DataConfig, items: Sequence[ImageItem], optional: Sequence[
     """
     if cfg.alpha_mask:
         everything = (*items, *optional)
-        return MaskSource(True, {}, frozenset(item.key for item in everything if has_alpha(item.path)))
+        return MaskSource(True, {}, frozenset(item.key for item in everything if has_alpha(item)))
     if cfg.mask_path is None:
         return None
     folder = Path(cfg.mask_path)

@@ -8,18 +8,31 @@ import re
 import unicodedata
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 from loha_train.config import DataConfig
-from loha_train.data.common import IMAGE_EXTENSIONS, DataError, Problem, decode_text
+from loha_train.data.caption_files import (
+    CaptionPolicy,
+    CaptionSource,
+    caption_policy,
+    fallback_caption,
+    read_caption_file,
+    warn_control_characters,
+    with_trigger,
+)
+from loha_train.data.caption_files import (
+    join_separator as join_separator,  # re-exported: captions.py imports it from here
+)
+from loha_train.data.common import IMAGE_EXTENSIONS, DataError, Problem, sha256_file
 from loha_train.data.imagefolder import metadata_file, read_metadata
+from loha_train.data.sources import RowRef
+from loha_train.data.subsets import SourceConfig, source_configs, subset_name, validation_source
+from loha_train.data.tablescan import scan_table
 
 logger = logging.getLogger(__name__)
 
 KOHYA_SUBSET = re.compile(r"^(\d+)_(.*)$")
-FALLBACK_CAPTION_EXTENSION = ".caption"  # kohya's historical default, read when the configured one is absent
-Layout = Literal["folder", "kohya", "metadata"]
-CaptionSource = Literal["file", "metadata", "folder", "default", "none"]
+Layout = Literal["folder", "kohya", "metadata", "table"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +49,26 @@ class ImageItem:
     caption_path: Path | None = None  # the caption file read, if any
     size: tuple[int, int] | None = None  # (width, height) after EXIF orientation; set by check_images
     sha256: str | None = None  # hex digest of the image file's bytes; set by check_images
+    row: RowRef | None = None  # an image stored in a table source (then `path` is the table, for messages)
+    rules: DataConfig | None = None  # its subset's data options (caption rules, flip, ...); None: the top level
+
+    def image_source(self) -> Path | BinaryIO:
+        """What PIL opens: the file, or the table row's bytes."""
+        return self.row.open() if self.row is not None else self.path
+
+    def read_bytes(self) -> bytes:
+        return self.row.read_bytes() if self.row is not None else self.path.read_bytes()
+
+    @property
+    def where(self) -> str:
+        """The image in messages: its file, or `<table> row N`."""
+        return f"{self.path} row {self.row.row}" if self.row is not None else str(self.path)
+
+    def content_id(self) -> str:
+        """What caches key this image on: its SHA-256, or for a table row the dataset fingerprint and the row."""
+        if self.sha256:
+            return self.sha256
+        return self.row.content_id if self.row is not None else sha256_file(self.path)
 
 
 @dataclass(frozen=True)
@@ -43,12 +76,13 @@ class DatasetIndex:
     """Everything `scan_dataset` found: items per role in sorted order, plus problems for check_images."""
 
     config: DataConfig
-    layout: Layout  # layout of the training folder
+    layout: Layout  # layout of the training folder (the first training source)
     train: tuple[ImageItem, ...]
     reg: tuple[ImageItem, ...] = ()
     validation: tuple[ImageItem, ...] = ()
     problems: tuple[Problem, ...] = ()  # bad files found while scanning; their items are already left out
     missing_captions: int = 0  # images that got an empty caption (no caption file, folder name or default)
+    sources: tuple[SourceSummary, ...] = ()  # per source and subset, for the plan
 
     @property
     def items(self) -> tuple[ImageItem, ...]:
@@ -57,11 +91,17 @@ class DatasetIndex:
 
 
 @dataclass(frozen=True)
-class _CaptionPolicy:
-    extension: str
-    trigger_word: str | None
-    default_caption: str | None
-    separator: str
+class SourceSummary:
+    """One source or subset as the plan reports it."""
+
+    key: str  # the config key that names it (data.path, data.subsets[1].path, ...)
+    name: str
+    kind: str  # folder, kohya, metadata, table (with its format)
+    role: str  # train, reg or validation
+    images: int
+    repeats: tuple[int, ...]  # distinct repeat counts
+    missing_captions: int
+    problems: int
 
 
 @dataclass
@@ -71,6 +111,7 @@ class _Scan:
     problems: list[Problem]
     missing_captions: int = 0
     multiline_captions: int = 0
+    kind: str = ""
 
 
 def scan_dataset(cfg: DataConfig, seed: int = 0) -> DatasetIndex:
@@ -82,35 +123,79 @@ def scan_dataset(cfg: DataConfig, seed: int = 0) -> DatasetIndex:
     once. Raises DataError when a folder does not exist or holds no images at all. `seed` picks the
     `validation_split` hold-out.
     """
-    train_policy = _CaptionPolicy(
-        _dotted(cfg.caption_extension), cfg.trigger_word or None, cfg.default_caption, cfg.caption_separator
-    )
-    # Regularization images show the class without the concept: no trigger word and no default caption
-    # (which usually names the concept); only their own caption files or kohya folder names apply.
-    reg_policy = replace(train_policy, trigger_word=None, default_caption=None)
-
-    train = _scan_role(Path(cfg.path), "train", cfg.repeats, train_policy, "data.path")
-    reg = _empty_scan()
-    if cfg.reg_path:
-        reg = _scan_role(Path(cfg.reg_path), "reg", cfg.reg_repeats, reg_policy, "data.reg_path")
+    train_scans: list[_Scan] = []
+    reg_scans: list[_Scan] = []
+    summaries: list[SourceSummary] = []
+    for source in source_configs(cfg):
+        scan = _scan_source(source)
+        (reg_scans if source.is_reg else train_scans).append(scan)
+        summaries.append(_summary(source, scan))
     validation = _empty_scan()
-    train_items: tuple[ImageItem, ...] = tuple(train.items)
+    train_items: tuple[ImageItem, ...] = tuple(item for scan in train_scans for item in scan.items)
     if cfg.validation_path:
-        validation = _scan_role(Path(cfg.validation_path), "validation", 1, train_policy, "data.validation_path")
+        validation = _scan_source(validation_source(cfg))
         validation.items = [replace(item, repeats=1) for item in validation.items]  # N_name counts not
     elif cfg.validation_split > 0:
         train_items, held_out = split_validation(train_items, cfg.validation_split, seed)
         validation.items = list(held_out)
 
-    scans = (train, reg, validation)
+    scans = (*train_scans, *reg_scans, validation)
     return DatasetIndex(
         config=cfg,
-        layout=train.layout,
+        layout=train_scans[0].layout if train_scans else "folder",
         train=train_items,
-        reg=tuple(replace(item, is_reg=True) for item in reg.items),
+        reg=tuple(replace(item, is_reg=True) for scan in reg_scans for item in scan.items),
         validation=tuple(validation.items),
         problems=tuple(p for scan in scans for p in scan.problems),
         missing_captions=sum(scan.missing_captions for scan in scans),
+        sources=tuple(summaries),
+    )
+
+
+def _scan_source(source: SourceConfig) -> _Scan:
+    """One data.path / reg_path / subset: a table through `datasets`, or a folder as before."""
+    cfg = source.cfg
+    policy = caption_policy(cfg, is_reg=source.is_reg, own_default=source.own_default_caption)
+    table = scan_table(cfg, source.key)
+    if isinstance(table, Path):
+        scan = _scan_role(table, source.prefix, cfg.repeats, policy, source.key)
+    else:
+        scan = _Scan(layout="table", items=[], problems=list(table.problems), kind=table.kind)
+        name = source.name or subset_name(cfg.path or "")
+        for record in table.records:
+            text, caption_source = (record.text, "metadata") if record.text is not None else (None, "none")
+            if text is None:
+                text, caption_source = fallback_caption(None, policy)
+            scan.missing_captions += caption_source == "none"
+            item = ImageItem(
+                key=f"{source.prefix}/{record.name}",
+                path=record.path,
+                caption=with_trigger(text, policy),
+                subset=name,
+                repeats=cfg.repeats,
+                caption_source=caption_source,  # type: ignore[arg-type]
+                size=record.size,
+                row=record.row,
+            )
+            scan.items.append(item)
+        if not scan.items and not scan.problems:
+            raise DataError(f"{source.key}: {cfg.path} has no rows")
+        _log_caption_counts(Path(str(cfg.path)), scan, policy)
+    if source.rules is not None or source.name:
+        scan.items = [replace(item, rules=source.rules, subset=source.name or item.subset) for item in scan.items]
+    return scan
+
+
+def _summary(source: SourceConfig, scan: _Scan) -> SourceSummary:
+    return SourceSummary(
+        key=source.key,
+        name=source.name or subset_name(source.cfg.path or ""),
+        kind=scan.kind or scan.layout,
+        role="reg" if source.is_reg else "train",
+        images=len(scan.items),
+        repeats=tuple(sorted({item.repeats for item in scan.items})),
+        missing_captions=scan.missing_captions,
+        problems=len(scan.problems),
     )
 
 
@@ -141,10 +226,6 @@ def _empty_scan() -> _Scan:
     return _Scan(layout="folder", items=[], problems=[])
 
 
-def _dotted(extension: str) -> str:
-    return extension if extension.startswith(".") else f".{extension}"
-
-
 def _nfc(name: str) -> str:
     return unicodedata.normalize("NFC", name)
 
@@ -159,7 +240,7 @@ def _list_dir(folder: Path) -> tuple[list[Path], list[Path]]:
     return [p for p in entries if p.is_file()], [p for p in entries if p.is_dir()]
 
 
-def _scan_role(root: Path, role: str, repeats: int, policy: _CaptionPolicy, config_key: str) -> _Scan:
+def _scan_role(root: Path, role: str, repeats: int, policy: CaptionPolicy, config_key: str) -> _Scan:
     root = root.expanduser()
     if not root.is_dir():
         what = "does not exist" if not root.exists() else "is not a folder"
@@ -184,7 +265,7 @@ def _scan_role(root: Path, role: str, repeats: int, policy: _CaptionPolicy, conf
     return scan
 
 
-def _log_caption_counts(root: Path, scan: _Scan, policy: _CaptionPolicy) -> None:
+def _log_caption_counts(root: Path, scan: _Scan, policy: CaptionPolicy) -> None:
     if scan.missing_captions:
         logger.warning(
             "%d of %d images in %s have no caption (no %s file, metadata text, folder name or "
@@ -204,7 +285,7 @@ def _log_caption_counts(root: Path, scan: _Scan, policy: _CaptionPolicy) -> None
 
 
 def _scan_folder(
-    root: Path, files: list[Path], folders: list[Path], role: str, repeats: int, policy: _CaptionPolicy
+    root: Path, files: list[Path], folders: list[Path], role: str, repeats: int, policy: CaptionPolicy
 ) -> _Scan:
     if folders:
         logger.warning(
@@ -218,7 +299,7 @@ def _scan_folder(
     return scan
 
 
-def _scan_kohya(root: Path, files: list[Path], folders: list[Path], role: str, policy: _CaptionPolicy) -> _Scan:
+def _scan_kohya(root: Path, files: list[Path], folders: list[Path], role: str, policy: CaptionPolicy) -> _Scan:
     scan = _Scan(layout="kohya", items=[], problems=[])
     for image in (f for f in files if _is_image(f)):
         scan.problems.append(
@@ -247,11 +328,11 @@ def _add_images(
     subset: str,
     repeats: int,
     folder_caption: str | None,
-    policy: _CaptionPolicy,
+    policy: CaptionPolicy,
 ) -> None:
     for image in images:
         key = f"{role}/{_nfc(image.relative_to(root).as_posix())}"
-        text, caption_path, problem, multiline = _read_caption_file(image, policy.extension)
+        text, caption_path, problem, multiline = read_caption_file(image, policy.extension)
         if problem is not None:
             scan.problems.append(replace(problem, item_key=key))
             continue
@@ -259,13 +340,13 @@ def _add_images(
         warn_control_characters(caption_path, text)
         source: CaptionSource = "file"
         if text is None:
-            text, source = _fallback_caption(folder_caption, policy)
+            text, source = fallback_caption(folder_caption, policy)
         scan.missing_captions += source == "none"
         scan.items.append(
             ImageItem(
                 key=key,
                 path=image,
-                caption=_with_trigger(text, policy),
+                caption=with_trigger(text, policy),
                 subset=subset,
                 repeats=repeats,
                 caption_source=source,
@@ -274,62 +355,7 @@ def _add_images(
         )
 
 
-def warn_control_characters(path: Path | None, text: str | None, which: str = "") -> None:
-    """Warn, naming the file, about a caption with control characters (NUL, ESC, ...; from a binary or a terminal
-    paste): the tokenizer takes them as text, so the caption trains as something other than what it looks like."""
-    if path is None or not text:
-        return
-    found = sorted({c for c in text if unicodedata.category(c) == "Cc" and c != "\t"})
-    if found:
-        codes = ", ".join(f"U+{ord(c):04X}" for c in found)
-        logger.warning("%s%s: the caption holds control characters (%s); re-save it as plain text", path, which, codes)
-
-
-def _fallback_caption(folder_caption: str | None, policy: _CaptionPolicy) -> tuple[str, CaptionSource]:
-    """No caption file: the kohya folder name (DreamBooth class tokens), else default_caption, else ""."""
-    if folder_caption:
-        return folder_caption, "folder"
-    if policy.default_caption:
-        return policy.default_caption, "default"
-    return "", "none"
-
-
-def _with_trigger(caption: str, policy: _CaptionPolicy) -> str:
-    """Prepend the trigger word as the first tag unless the caption already starts with it."""
-    trigger = policy.trigger_word
-    if not trigger:
-        return caption
-    first_tag = caption.split(policy.separator, 1)[0].strip() if policy.separator else caption
-    if first_tag == trigger:
-        return caption
-    if not caption:
-        return trigger
-    return f"{trigger}{join_separator(policy.separator)}{caption}"
-
-
-def join_separator(separator: str) -> str:
-    """How tags are re-joined: ", " for ",", a bare separator when it is whitespace."""
-    return separator if not separator.strip() else f"{separator} "
-
-
-def _read_caption_file(image: Path, extension: str) -> tuple[str | None, Path | None, Problem | None, bool]:
-    """(first non-empty line, file, problem, had several lines); (None, None, None, False) when absent."""
-    candidates = [image.with_suffix(extension)]
-    if extension != FALLBACK_CAPTION_EXTENSION:
-        candidates.append(image.with_suffix(FALLBACK_CAPTION_EXTENSION))
-    path = next((c for c in candidates if c.is_file()), None)
-    if path is None:
-        return None, None, None, False
-    text, problem = decode_text(path)
-    if problem is not None:
-        return None, path, problem, False
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if not lines:
-        return None, path, None, False
-    return lines[0], path, None, len(lines) > 1
-
-
-def _scan_metadata(root: Path, metadata: Path, role: str, repeats: int, policy: _CaptionPolicy) -> _Scan:
+def _scan_metadata(root: Path, metadata: Path, role: str, repeats: int, policy: CaptionPolicy) -> _Scan:
     """Hugging Face imagefolder: metadata.jsonl lines or metadata.csv rows (imagefolder.py reads them)."""
     entries, problems, listed = read_metadata(root, metadata)
     scan = _Scan(layout="metadata", items=[], problems=problems)
@@ -337,13 +363,13 @@ def _scan_metadata(root: Path, metadata: Path, role: str, repeats: int, policy: 
         warn_control_characters(metadata, text, f" (the caption of {relative})")
         source: CaptionSource = "metadata"
         if text is None:
-            text, source = _fallback_caption(None, policy)
+            text, source = fallback_caption(None, policy)
         scan.missing_captions += source == "none"
         scan.items.append(
             ImageItem(
                 key=f"{role}/{relative}",
                 path=image,
-                caption=_with_trigger(text, policy),
+                caption=with_trigger(text, policy),
                 subset=root.name,
                 repeats=repeats,
                 caption_source=source,

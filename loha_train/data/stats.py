@@ -7,7 +7,6 @@ import json
 from collections import Counter, defaultdict
 from typing import Any
 
-from loha_train.data.common import sha256_file
 from loha_train.data.dataset import plan_crops
 from loha_train.data.sampler import allocate_quota
 from loha_train.data.scan import DatasetIndex, ImageItem
@@ -23,7 +22,7 @@ def dataset_fingerprint(index: DatasetIndex) -> dict[str, Any]:
     digest = hashlib.sha256()
     for role, items in (("train", index.train), ("reg", index.reg), ("validation", index.validation)):
         for item in items:
-            image_hash = item.sha256 or sha256_file(item.path)
+            image_hash = item.content_id()
             record = [role, item.key, image_hash, item.caption, item.repeats]
             digest.update(json.dumps(record, ensure_ascii=False).encode() + b"\n")
     return {

@@ -39,22 +39,40 @@ class DataPipeline:
     summary: str
     fingerprint: dict[str, Any]  # data.dataset_fingerprint of the checked index
     notes: tuple[str, ...] = ()  # plan lines about the data (captions longer than model.max_token_length)
+    stream: data.StreamBatches | None = None  # data.streaming: sampler and loader, its state in each checkpoint
 
 
 def resolve_data_config(cfg: DataConfig) -> DataConfig:
     """cfg with `builtin:` dataset names replaced by their generated folders."""
-    updates = {
+    updates: dict[str, Any] = {
         key: str(builtin.resolve_builtin(value))
         for key in ("path", "reg_path", "validation_path")
         if isinstance(value := getattr(cfg, key), str) and builtin.is_builtin(value)
     }
+    if any(builtin.is_builtin(sub.path) for sub in cfg.subsets):
+        updates["subsets"] = tuple(
+            dataclasses.replace(sub, path=str(builtin.resolve_builtin(sub.path)))
+            if builtin.is_builtin(sub.path)
+            else sub
+            for sub in cfg.subsets
+        )
     return dataclasses.replace(cfg, **updates) if updates else cfg
+
+
+def preflight_sources(cfg: DataConfig) -> None:
+    """Fail before any model loads when an hf: source is not in the local cache (an offline lookup, milliseconds)."""
+    for source in data.source_configs(cfg):
+        path = source.cfg.path or ""
+        if data.sources.is_hub(path):
+            data.sources.resolve_hub(path, cfg.hf_split, cfg.hf_revision, cfg.hf_config, source.key)
 
 
 def build_data(cfg: Config, bundle: ModelBundle, accelerator: Any, *, encode: bool = True) -> DataPipeline:
     """Scan and check every image up front, then (unless `encode` is False) fill the latent/text caches."""
     data_cfg = resolve_data_config(cfg.data)
     seed = cfg.train.seed
+    if data_cfg.streaming:
+        return _stream_data(cfg, data_cfg, accelerator)
     index = data.scan_dataset(data_cfg, seed)
     with counter("checking images", enabled=accelerator.is_main_process) as progress:
         report = data.check_images(index, skip_bad=data_cfg.skip_bad_images, progress=progress)
@@ -96,10 +114,96 @@ def build_data(cfg: Config, bundle: ModelBundle, accelerator: Any, *, encode: bo
         + (f"; {len(report.problems)} bad file(s) skipped" if report.problems else "")
     )
     fingerprint = data.dataset_fingerprint(index)
-    notes = caption_notes(cfg, bundle, [item.caption for item in train_items], list_longest=not encode)
+    captions = [item.caption for item in train_items]
+    notes = source_notes(index, dataset) + caption_notes(cfg, bundle, captions, list_longest=not encode)
     return DataPipeline(
         index, data_cfg, dataset, sampler, loader, validation, len(report.problems), summary, fingerprint, notes
     )
+
+
+def _stream_data(cfg: Config, data_cfg: DataConfig, accelerator: Any) -> DataPipeline:
+    """data.streaming: nothing is read up front; each process streams its part of the table."""
+    path = data_cfg.path or ""
+    kind = data.sources.detect_source(path)
+    if data_cfg.subsets or data_cfg.reg_path or kind not in ("saved", "table", "shards", "hub"):
+        raise data.DataError(
+            "data.streaming reads one table source in data.path (a parquet/arrow/jsonl/csv file or folder of shards, "
+            f"a save_to_disk folder or hf:OWNER/NAME); got {path} ({kind}"
+            + (", with subsets or reg_path" if data_cfg.subsets or data_cfg.reg_path else "")
+            + "). Set data.streaming: false for folders, subsets and regularization images."
+        )
+    spec = data.sources.tables.locate(
+        path, kind, data_cfg.hf_split, data_cfg.hf_revision, data_cfg.hf_config, "data.path"
+    )
+    if isinstance(spec, Path):
+        raise data.DataError(f"data.path: {path} is an image folder in the cache; set data.streaming: false")
+    world, rank = accelerator.num_processes, accelerator.process_index
+    stream = data.StreamBatches(spec, data_cfg, cfg.train.batch_size, cfg.train.seed, rank, world)
+    validation = None
+    if data_cfg.validation_path:
+        held = dataclasses.replace(data_cfg, path=data_cfg.validation_path, validation_path=None, streaming=False)
+        checked = data.check_images(data.scan_dataset(held), skip_bad=data_cfg.skip_bad_images).index
+        validation = data.ImageDataset(checked.train, data_cfg, cfg.train.seed, augment=False)
+    index = data.DatasetIndex(config=data_cfg, layout="table", train=())
+    fingerprint = {"images": 0, "reg_images": 0, "validation_images": len(validation or ()), "repeats": 0,
+                   "reg_repeats": 0, "sha256": data.stream_fingerprint(spec)}  # fmt: skip
+    summary = (
+        f"streaming {spec.location} ({spec.format}, {len(spec.files)} file(s)), split over {world} process(es); "
+        f"aspect buckets filled from a buffer of {data_cfg.stream_buffer} samples; latents encoded on the fly; "
+        "the epoch length is unknown until the stream ends"
+    )
+    dataset = data.ImageDataset((), data_cfg, cfg.train.seed)
+    return DataPipeline(index, data_cfg, dataset, stream, stream, validation, 0, summary, fingerprint, stream=stream)  # type: ignore[arg-type]
+
+
+def stream_state(pipeline: DataPipeline, accelerator: Any) -> list[dict[str, Any]] | None:
+    """Every process's stream state (rank order), for the checkpoint; None without streaming."""
+    if pipeline.stream is None:
+        return None
+    state = pipeline.stream.state_dict()
+    if accelerator.num_processes == 1:
+        return [state]
+    from accelerate.utils import gather_object
+
+    return list(gather_object([state]))
+
+
+def restore_stream(pipeline: DataPipeline, accelerator: Any, extra: dict[str, Any]) -> None:
+    """Put this process's stream where the checkpoint left it (its own state, by rank)."""
+    if pipeline.stream is None:
+        return
+    states = extra.get("stream")
+    if not states or len(states) != accelerator.num_processes:
+        raise data.DataError(
+            "cannot resume a streaming run from this checkpoint: it holds no stream state for "
+            f"{accelerator.num_processes} process(es) (a stream resumes with the number of processes it was saved with)"
+        )
+    pipeline.stream.load_state_dict(states[accelerator.process_index])
+
+
+def source_notes(index: data.DatasetIndex, dataset: data.ImageDataset) -> tuple[str, ...]:
+    """One plan line per source and subset: kind, images, repeats, missing captions, bad rows; its buckets."""
+    if len(index.sources) < 2 and all(s.kind in ("folder", "kohya", "metadata") for s in index.sources):
+        return ()  # one folder: the data line says it all
+    bucket_of = {item.key: bucket for item, bucket in zip(dataset.items, dataset.buckets, strict=True)}
+    lines = []
+    for source in index.sources:
+        items = [i for i in index.train + index.reg if i.key.startswith(_key_prefix(source.key) + "/")]
+        buckets = sorted({bucket_of[i.key] for i in items})
+        repeats = "/".join(str(r) for r in source.repeats) or "-"
+        lines.append(
+            f"source {source.key} ({source.name}, {source.kind}{', regularization' if source.role == 'reg' else ''}): "
+            f"{len(items)} images x {repeats} repeats, {source.missing_captions} without caption"
+            + (f", {source.problems} bad" if source.problems else "")
+            + f"; buckets {', '.join(f'{w}x{h}' for w, h in buckets) or 'none'}"
+        )
+    return tuple(lines)
+
+
+def _key_prefix(config_key: str) -> str:
+    """The item-key prefix of a source (data.path -> train, data.subsets[1].path -> subsets[1])."""
+    fixed = {"data.path": "train", "data.reg_path": "reg"}
+    return fixed.get(config_key, config_key.removeprefix("data.").removesuffix(".path"))
 
 
 def caption_notes(cfg: Config, bundle: ModelBundle, captions: list[str], *, list_longest: bool) -> tuple[str, ...]:
@@ -129,7 +233,9 @@ def _small_images(dataset: data.ImageDataset, cfg: DataConfig) -> str:
 
 
 def _can_cache_text(cfg: Config) -> bool:
-    return cfg.data.cache_text_embeddings and not cfg.network.train_text_encoder and not data.captions_vary(cfg.data)
+    varies = any(data.captions_vary(rules) for rules in data.all_rules(cfg.data))
+    cacheable = cfg.data.cache_text_embeddings and not cfg.data.streaming  # a stream's captions are not known up front
+    return cacheable and not cfg.network.train_text_encoder and not varies
 
 
 def _identity(cfg: Config, part: str) -> str:
@@ -147,9 +253,18 @@ def latent_identity(cfg: Config, bundle: ModelBundle) -> str:
 
 
 def _latent_cache(cfg: Config, data_cfg: DataConfig, bundle: ModelBundle, masks: MaskSource | None) -> data.LatentCache:
-    folder = latent_cache_folder(data_cfg.path) if data_cfg.cache_latents == "disk" else None
+    folder = latent_cache_folder(cache_home(data_cfg)) if data_cfg.cache_latents == "disk" else None
     mode = data_cfg.cache_latents
     return data.LatentCache(mode, latent_identity(cfg, bundle), folder, masks=masks)  # type: ignore[arg-type]
+
+
+def cache_home(cfg: DataConfig) -> str:
+    """The data folder a disk cache belongs to: data.path's (or the first subset's); for a table file its folder;
+    for an hf: id a folder named after it under $LOHA_TRAIN_CACHE."""
+    path = cfg.path or cfg.subsets[0].path
+    if path.startswith("hf:"):
+        return str(builtin.cache_dir() / "hub" / path[3:].replace("/", "--"))
+    return str(Path(path).parent) if Path(path).is_file() else path
 
 
 def latent_cache_folder(data_path: str) -> Path:

@@ -13,7 +13,7 @@ from loha_train.models.detect import model_hash
 from loha_train.models.loading import load_models
 from loha_train.training.charts import loss_curve_png
 from loha_train.training.checkpoint import TrainState
-from loha_train.training.data_pipeline import build_data
+from loha_train.training.data_pipeline import build_data, preflight_sources, restore_stream
 from loha_train.training.ema import AdapterEMA
 from loha_train.training.guards import check_launch, check_output_folder, refuse_sharded_engines, start_over
 from loha_train.training.metrics import MetricsLog
@@ -58,6 +58,7 @@ def train(
     )
     check_launch(accelerator)
     main = accelerator.is_main_process
+    preflight_sources(cfg.data)  # an uncached hf: dataset fails now, not after the models load
 
     # --- models, data, adapters and the plan ---------------------------------------------------------------
     bundle = load_models(cfg.model)
@@ -88,6 +89,7 @@ def train(
     position, extra = Position(0, 0, 0), {"skipped_steps": 0}
     if resume_from is not None and start is not None:
         extra, position = dict(load_resumed(accelerator, resume_from, settings).extra), start
+        restore_stream(data, accelerator, extra)
     if main:
         if overwrite and resume_from is None:
             start_over(paths)

@@ -20,7 +20,7 @@ from loha_train.loha.inject import LoHaNetwork
 from loha_train.models.bundle import ModelBundle
 from loha_train.training import checkpoint
 from loha_train.training.checkpoint import TrainState
-from loha_train.training.data_pipeline import DataPipeline
+from loha_train.training.data_pipeline import DataPipeline, stream_state
 from loha_train.training.ema import AdapterEMA
 from loha_train.training.grad_check import check_gradients_arrived
 from loha_train.training.guards import TrainingError
@@ -125,6 +125,8 @@ class Session:
         return True
 
     def save_checkpoint(self) -> Path:
+        if (stream := stream_state(self.data, self.accelerator)) is not None:
+            self.extra["stream"] = stream  # data.streaming: where each process's stream stands
         state = TrainState(
             self.step,
             self.epoch,
@@ -142,7 +144,8 @@ class Session:
 
     def export_adapter(self, path: Path) -> None:
         if self.accelerator.is_main_process:
-            stats = {"steps": self.step, "epoch": self.epoch, "finished_at": time.time(), **self.extra}
+            counters = {k: v for k, v in self.extra.items() if k != "stream"}  # a stream's position is no stat
+            stats = {"steps": self.step, "epoch": self.epoch, "finished_at": time.time(), **counters}
             if self.ema is not None:
                 stats["ema_updates"] = self.ema.optimization_step
             with self._weights(self.cfg.output.export_ema):
