@@ -171,8 +171,8 @@ def test_the_step_weights_each_element_by_the_masks_area_mean(tmp_path: Path, mo
     preds: list[torch.Tensor] = []
     noises: list[torch.Tensor] = []
     hook = bundle.unet.register_forward_hook(lambda _m, _a, out: preds.append(out.sample.float()))
-    draw = step.noise_and_timesteps
-    monkeypatch.setattr(step, "noise_and_timesteps", lambda *a: (r := draw(*a), noises.append(r[0]))[0])
+    draw = step.draw_noise
+    monkeypatch.setattr(step, "draw_noise", lambda *a: (r := draw(*a), noises.append(r.noise))[0])
     channels = bundle.unet.config.in_channels
     gen = torch.Generator().manual_seed(1)
     mask = (torch.rand(2, 1, 96, 80, generator=gen) > 0.3).float()
