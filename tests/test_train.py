@@ -172,6 +172,25 @@ def test_resume_refuses_changed_settings_and_names_them(tmp_path: Path) -> None:
         run(tmp_path, resume="latest", data__resolution=64)
 
 
+def test_checkpoint_from_before_a_setting_existed_resumes_at_its_default_only(tmp_path: Path) -> None:
+    """A checkpoint written by an older loha-train lacks the settings added since: it resumes while they stay at
+    their defaults (the older run behaved so) and is refused, naming them, when one is turned on."""
+    import json
+
+    from loha_train.training.checkpoint import STATE_FILE, CheckpointError, list_checkpoints
+
+    run(tmp_path, train__max_steps=2)
+    (_, path), *_ = list_checkpoints(tmp_path)[-1:]
+    state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    for key in ("network.weight_decompose", "data.subsets", "train.lr_pattern", "data.alpha_mask"):
+        del state["settings"][key]
+    (path / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
+    with pytest.raises(CheckpointError, match=r"network\.weight_decompose: checkpoint has no such setting"):
+        run(tmp_path, resume="latest", train__max_steps=3, network__weight_decompose=True)
+    run(tmp_path, resume="latest", train__max_steps=3)
+    assert (tmp_path / "loha.safetensors").is_file()
+
+
 def test_finished_output_folder_is_not_overwritten(tmp_path: Path) -> None:
     from loha_train.training.guards import TrainingError
 

@@ -244,13 +244,27 @@ def rotate_checkpoints(output_dir: Path, keep_last: int) -> None:
         _remove(doomed)
 
 
-def settings_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Human-readable list of resume-critical settings that changed, by dotted key."""
-    keys = sorted(set(saved) | set(current))
+def settings_differences(
+    saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> list[str]:
+    """Human-readable list of resume-critical settings that changed, by dotted key.
+
+    A setting the checkpoint lacks (it was written before the setting existed) matches only that setting's
+    default from `defaults`: the older run behaved as the default does, so a new option left at its default
+    keeps such checkpoints resumable, and one turned on is refused.
+    """
+    defaults = defaults or {}
+
+    def differs(key: str) -> bool:
+        if key not in saved and key in defaults:
+            return current.get(key) != defaults[key]
+        return saved.get(key) != current.get(key)
+
+    def was(key: str) -> str:
+        return repr(saved[key]) if key in saved else "no such setting (written by an older loha-train)"
+
     return [
-        f"{k}: checkpoint has {saved.get(k)!r}, config has {current.get(k)!r}"
-        for k in keys
-        if saved.get(k) != current.get(k)
+        f"{k}: checkpoint has {was(k)}, config has {current.get(k)!r}" for k in sorted(saved | current) if differs(k)
     ]
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import MISSING
 from pathlib import Path
 from typing import Any
 
 from loha_train.config import Config, config_to_dict
+from loha_train.config.check import iter_fields, to_plain
 from loha_train.training import checkpoint
 from loha_train.training.checkpoint import CheckpointError, TrainState
 from loha_train.training.data_pipeline import DataPipeline
@@ -42,6 +44,18 @@ def resume_settings(cfg: Config, pipeline: DataPipeline, base_hash: str) -> dict
     return keep
 
 
+def setting_defaults() -> dict[str, Any]:
+    """Every setting's default by dotted key, in the plain form `resume_settings` records (for checkpoints
+    written before a setting existed)."""
+    out: dict[str, Any] = {}
+    for key, _owner, f in iter_fields(Config):
+        if f.default is not MISSING:
+            out[key] = to_plain(f.default)
+        elif f.default_factory is not MISSING:
+            out[key] = to_plain(f.default_factory())
+    return out
+
+
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
@@ -55,7 +69,7 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def load_resumed(accelerator: Any, path: Path, settings: dict[str, Any]) -> TrainState:
     """Load checkpoint `path` into the prepared objects, after refusing changed settings by name."""
     saved = TrainState.read(path)  # refuses a checkpoint of another loha-train version
-    changed = checkpoint.settings_differences(saved.settings, settings)
+    changed = checkpoint.settings_differences(saved.settings, settings, setting_defaults())
     if changed:
         raise CheckpointError(
             f"Cannot resume from {path}: settings that decide what the adapter learns changed since it was "
