@@ -21,7 +21,9 @@ from loha_train.loha.inject import inject_loha
 from loha_train.loha.layers import wrap_layer
 
 # alpha != rank everywhere, so a missing or doubled scale cannot hide
-DORA = NetworkConfig(preset="full", rank=4, alpha=3.0, conv_rank=2, conv_alpha=5.0, weight_decompose=True)
+DORA = NetworkConfig(
+    preset="full", rank=4, alpha=3.0, conv_rank=2, conv_alpha=5.0, weight_decompose=True, wd_on_output=True
+)
 
 
 def _layer(kind: str, seed: int = 0) -> nn.Module:

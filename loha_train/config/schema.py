@@ -62,7 +62,7 @@ class NetworkConfig:
     init_from: str | None = None  # start from an existing LoHa .safetensors instead of zero
     scale_weight_norms: float | None = None  # max-norm: scale down each module whose delta weight's norm exceeds this
     weight_decompose: bool = False  # DoRA for LoHa (LyCORIS dora_wd): trains a magnitude `dora_scale` per module
-    wd_on_output: bool = True  # DoRA magnitude per output row (LyCORIS's default); false: per input column (WebUI)
+    wd_on_output: bool = False  # DoRA norm per input column (WebUI/ComfyUI exact); true: per row (lycoris-lora)
 
     @property
     def effective_conv_rank(self) -> int:

@@ -132,7 +132,7 @@ def _kohya(
         "rank_dropout_scale": str(bool(net.get("rank_dropout_scale", False))),
     }
     if net.get("weight_decompose"):  # LyCORIS's kohya network_args for DoRA
-        network_args |= {"dora_wd": "True", "wd_on_output": str(bool(net.get("wd_on_output", True)))}
+        network_args |= {"dora_wd": "True", "wd_on_output": str(bool(net.get("wd_on_output", False)))}
     side = int(data["resolution"])
     lr = train["lr"] if train.get("lr") is not None else default_lr(train["optimizer"])
     out: dict[str, Any] = {
