@@ -105,10 +105,9 @@ def lr_curve(scheduler: Any, steps: int) -> list[float]:
 def test_scheduler_options_shape_the_schedule_as_diffusers_does(tmp_path: Path, name: str, sets: dict) -> None:
     from diffusers.optimization import get_scheduler
 
-    from loha_train.training.optim import build_optimizer
-
     from loha_train.loha.inject import LoHaNetwork
     from loha_train.loha.layers import LoHaLinear
+    from loha_train.training.optim import build_optimizer
 
     one = LoHaNetwork({"m": LoHaLinear(torch.nn.Linear(2, 2), 1, 1.0)}, {"m": "unet.m"}, {"m": "unet"})
     steps = 40
