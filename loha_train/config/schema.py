@@ -182,6 +182,7 @@ class SampleConfig:
     every_n_steps: int | None = None  # sample every N optimizer steps
     every_n_epochs: int | None = None  # sample at the end of every N epochs
     at_start: bool = True  # sample before the first step (the untrained baseline)
+    concept: str | None = None  # "<colour> <shape>" (e.g. "purple star"): score the samples for it (README: quickstart)
 
 
 @dataclass(frozen=True)
