@@ -112,7 +112,8 @@ def test_config_words_are_the_measures() -> None:
 def test_the_demo_model_draws_its_training_captions() -> None:
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(resolve_builtin("builtin:tiny-sd"), local_files_only=True)
+    root = resolve_builtin("builtin:tiny-sd")
+    pipe = StableDiffusionPipeline.from_pretrained(root, local_files_only=True, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     prompts = [demo.caption(c, s, "white") for c, s in DRAWN]
     images = pipe(
