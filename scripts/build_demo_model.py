@@ -4,15 +4,17 @@
     .venv/bin/python scripts/build_demo_model.py --out /tmp/demo --scale 0.1   # a quick trial at 1/10 the steps
 
 Deterministic on CPU (one seed, fixed thread count, generated data): the same torch version on the same kind of
-machine rebuilds the same bits. Four stages, each cheap because the images are 32 px:
+machine rebuilds the same bits. Three stages, each cheap because the images are 32 px:
 1. a VAE (AutoencoderKL, downsampling 4: 32 px -> 8x8x4 latents) trained on random shapes in random colours
    (stars and purple included: the VAE is a general image codec, as SD's is);
 2. latents of the UNet's training images encoded once (the distribution's mode, as the trainer caches them), and
    the captions encoded once by a frozen, randomly initialised small CLIP text encoder;
 3. a UNet with cross-attention trained on them (epsilon prediction, SD's noise schedule, 10 % empty captions for
-   classifier-free guidance, an EMA of the weights is what is saved);
-4. the saved VAE's decoder fine-tuned with the encoder frozen (so the UNet's latents stay valid), weighing colours,
-   which the short first stage leaves off.
+   classifier-free guidance, an EMA of the weights is what is saved).
+Known weakness of the committed build: 400 VAE steps are too few for colour. Its latents keep a yellow-blue axis
+and brightness only (red decodes brown, green gray, purple blue), so the UNet draws blue and yellow well and the
+other colours not at all; shapes come out as rough blobs. More VAE steps (and UNet steps) should fix both, at a
+proportionally longer build; that was not tried.
 The UNet never sees purple or a star: that is what the quickstart teaches it. The output is a diffusers folder in
 fp16 (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) plus BUILD.json (the settings, the
 sha256 of every file, and a check: the measure on images generated for training captions).
@@ -66,9 +68,6 @@ class Settings:
     ema_decay: float = 0.995
     partial_every: int = 250  # also save the EMA model so far to <out>-partial every N UNet steps
     empty_caption_rate: float = 0.1
-    decoder_steps: int = 600
-    decoder_lr: float = 5e-4
-    decoder_colour_weight: float = 4.0
     check_steps: int = 20
     check_guidance: float = 5.0
 
@@ -115,42 +114,6 @@ def train_vae(s: Settings) -> Any:
         if step % 100 == 0 or step == s.vae_steps - 1:
             log(f"vae step {step}/{s.vae_steps} loss {loss.item():.4f} kl {kl.item():.3f} ({time.time() - start:.0f}s)")
     return vae.eval()
-
-
-def finetune_decoder(s: Settings, dest: Path) -> None:
-    """Stage 4: fine-tune the saved VAE's decoder (the encoder, hence the UNet's latents, stays as it is) with a
-    loss that weighs colours (4x4-pixel means) heavily: the short first stage leaves hues off (red drawn brown,
-    purple drawn blue), which both the eye and the colour measure need right. Starts from the saved fp16 weights,
-    so it can run on a saved folder alone (--decoder-only)."""
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(dest / "vae", torch_dtype=torch.float32)
-    vae.requires_grad_(False)
-    vae.decoder.requires_grad_(True)
-    vae.post_quant_conv.requires_grad_(True)
-    params = [p for p in vae.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=s.decoder_lr)
-    rng = random.Random(s.seed + 5)
-    start = time.time()
-    for step in range(s.decoder_steps):
-        for group in opt.param_groups:
-            group["lr"] = s.decoder_lr * 0.5 * (1 + math.cos(math.pi * step / s.decoder_steps))
-        x = to_tensor([random_vae_image(rng, s.side) for _ in range(s.vae_batch)])
-        with torch.no_grad():
-            z = vae.encode(x).latent_dist.mode()
-        recon = vae.decode(z).sample
-        colour = F.mse_loss(F.avg_pool2d(recon, 4), F.avg_pool2d(x, 4))
-        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + s.decoder_colour_weight * colour
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if step % 100 == 0 or step == s.decoder_steps - 1:
-            log(
-                f"decoder step {step}/{s.decoder_steps} loss {loss.item():.4f} colour {colour.item():.4f} "
-                f"({time.time() - start:.0f}s)"
-            )
-    vae.half().save_pretrained(dest / "vae")
 
 
 def unet_data(s: Settings) -> tuple[list[Any], list[str]]:
@@ -294,21 +257,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / DEMO_DIR)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the step counts (for quick trials)")
-    parser.add_argument("--decoder-only", action="store_true", help="only stage 4 (and the check) on --out")
     parser.add_argument("--check-only", action="store_true", help="only the check and BUILD.json on --out")
     args = parser.parse_args()
     s = Settings()
     s.vae_steps, s.unet_steps = max(2, round(s.vae_steps * args.scale)), max(2, round(s.unet_steps * args.scale))
-    s.decoder_steps = max(2, round(s.decoder_steps * args.scale))
     s.unet_images = max(s.unet_batch, round(s.unet_images * min(1.0, args.scale * 2)))
     torch.set_num_threads(s.threads)
     torch.use_deterministic_algorithms(True)
     total = time.time()
     log(f"settings {dataclasses.asdict(s)}")
-    if not (args.decoder_only or args.check_only):
-        build(s, args.out)
     if not args.check_only:
-        finetune_decoder(s, args.out)
+        build(s, args.out)
     finish(s, args.out, total)
 
 

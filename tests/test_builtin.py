@@ -29,7 +29,7 @@ def test_unknown_names_list_the_valid_ones(path: str, tmp_path: Path) -> None:
     with pytest.raises(
         BuiltinError,
         match="builtin:tiny-sd, builtin:tiny-sd-random, builtin:tiny-sd-v, builtin:tiny-sdxl, builtin:shapes, "
-        "builtin:purple-stars",
+        "builtin:stars",
     ):
         resolve_builtin(path, cache=tmp_path)
     assert not any(tmp_path.iterdir())

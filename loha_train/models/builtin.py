@@ -166,7 +166,7 @@ _MODELS: dict[str, _TinyModel] = {
         "StableDiffusionXLPipeline",
     ),
 }
-_DATASETS = ("shapes", "purple-stars")
+_DATASETS = ("shapes", "stars")
 TRAINED = "tiny-sd"  # the demo model: trained, shipped in the package (DEMO_DIR), never built on the fly
 BUILTIN_NAMES: tuple[str, ...] = (TRAINED, *_MODELS, *_DATASETS)
 PREFIX = "builtin:"
@@ -197,7 +197,7 @@ def resolve_builtin(path: str, *, cache: Path | None = None) -> Path:
     final = (cache or cache_dir()) / "builtin" / BUILD_VERSION / name
     if final.is_dir():
         return final
-    builders: dict[str, Callable[[Path], None]] = {"shapes": build_shapes, "purple-stars": build_purple_stars}
+    builders: dict[str, Callable[[Path], None]] = {"shapes": build_shapes, "stars": build_stars}
     builder = builders.get(name) or (lambda d: build_tiny_model(name, d))
     logger.info("building %s into %s (first use only, a few seconds; later runs reuse it)", path, final)
     return _build_atomically(final, builder)
@@ -362,14 +362,14 @@ def build_shapes(dest: Path) -> None:
         (dest / f"{stem}.txt").write_text(caption, encoding="utf-8")
 
 
-def build_purple_stars(dest: Path) -> None:
-    """Write builtin:purple-stars into `dest`: 16 32-px purple stars (a colour and a shape the demo model has never
-    seen) on white, black and gray, captioned "a sks purple star on a <background> background" (sks: the trigger)."""
+def build_stars(dest: Path) -> None:
+    """Write builtin:stars into `dest`: 16 32-px blue stars (a shape the demo model has never seen) on white, black
+    and gray, captioned "a sks blue star on a <background> background" (sks: the trigger word)."""
     from loha_train.models.demo import shape_image
 
     rng = random.Random(SEED + 1)
     for i in range(16):
         background = BACKGROUNDS[i % 3] if i % 4 else "white"
-        shape_image("purple", "star", background, 32, rng).save(dest / f"{i:03d}_purple_star.png", format="PNG")
-        caption = f"a sks purple star on a {background} background\n"
-        (dest / f"{i:03d}_purple_star.txt").write_text(caption, encoding="utf-8")
+        shape_image("blue", "star", background, 32, rng).save(dest / f"{i:03d}_blue_star.png", format="PNG")
+        caption = f"a sks blue star on a {background} background\n"
+        (dest / f"{i:03d}_blue_star.txt").write_text(caption, encoding="utf-8")
