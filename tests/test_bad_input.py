@@ -256,5 +256,5 @@ def test_readme_and_quickstart_config_state_the_same_time_on_two_cores() -> None
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text(encoding="utf-8")
     quickstart = (root / "configs" / "quickstart.yaml").read_text(encoding="utf-8")
-    assert "1-2 minutes on two idle CPU cores" in readme and "1-2 minutes on two idle CPU cores" in quickstart
+    assert "a few minutes on two idle CPU cores" in readme and "a few minutes on two idle CPU cores" in quickstart
     assert "busy" in quickstart and "shared cores" in readme  # and say what it depends on
