@@ -65,10 +65,10 @@ def builtin_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def tiny_sd_dir(builtin_cache: Path) -> Path:
-    """builtin:tiny-sd as a diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
+    """builtin:tiny-sd-random as a diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."""
     from loha_train.models.builtin import resolve_builtin
 
-    return resolve_builtin("builtin:tiny-sd")
+    return resolve_builtin("builtin:tiny-sd-random")
 
 
 @pytest.fixture

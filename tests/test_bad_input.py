@@ -49,7 +49,7 @@ def test_config_file_that_is_not_utf8_names_the_file_the_byte_and_the_offset(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "latin1.yaml"
-    path.write_bytes("# café\nmodel:\n  path: builtin:tiny-sd\n".encode("latin-1"))  # é is 0xe9 at offset 5
+    path.write_bytes("# café\nmodel:\n  path: builtin:tiny-sd-random\n".encode("latin-1"))  # é is 0xe9 at offset 5
     status, out, err = loha([path], capsys)
     assert status == 2 and out == ""
     assert str(path) in err and "not UTF-8" in err and "0xe9" in err and "offset 5" in err and "line 1" in err
@@ -125,7 +125,15 @@ def test_merge_rejects_a_non_finite_multiplier_before_loading(
 
     monkeypatch.setattr(loading, "load_models", lambda *a, **k: pytest.fail("the model loaded"))
     out = tmp_path / "merged.safetensors"
-    args = ["merge", "--base", "builtin:tiny-sd", "--adapter", str(tmp_path / "x.safetensors"), "--out", str(out)]
+    args = [
+        "merge",
+        "--base",
+        "builtin:tiny-sd-random",
+        "--adapter",
+        str(tmp_path / "x.safetensors"),
+        "--out",
+        str(out),
+    ]
     status, _, err = loha([*args, f"--multiplier={multiplier}"], capsys)
     assert status == 2 and "--multiplier must be a finite number" in err and not out.exists(), err
 
@@ -248,5 +256,5 @@ def test_readme_and_quickstart_config_state_the_same_time_on_two_cores() -> None
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text(encoding="utf-8")
     quickstart = (root / "configs" / "quickstart.yaml").read_text(encoding="utf-8")
-    assert "1-2 minutes on two idle CPU cores" in readme and "1-2 minutes on two idle CPU cores" in quickstart
+    assert "a few minutes on two idle CPU cores" in readme and "a few minutes on two idle CPU cores" in quickstart
     assert "busy" in quickstart and "shared cores" in readme  # and say what it depends on

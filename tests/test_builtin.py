@@ -26,14 +26,18 @@ def _files(root: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("path", ["builtin:nope", "tiny-sd", "builtin:"])
 def test_unknown_names_list_the_valid_ones(path: str, tmp_path: Path) -> None:
-    with pytest.raises(BuiltinError, match="builtin:tiny-sd, builtin:tiny-sd-v, builtin:tiny-sdxl, builtin:shapes"):
+    with pytest.raises(
+        BuiltinError,
+        match="builtin:tiny-sd, builtin:tiny-sd-random, builtin:tiny-sd-v, builtin:tiny-sdxl, builtin:shapes, "
+        "builtin:stars",
+    ):
         resolve_builtin(path, cache=tmp_path)
     assert not any(tmp_path.iterdir())
 
 
 def test_tiny_sd_is_bit_identical_across_fresh_caches(tmp_path: Path) -> None:
-    first = resolve_builtin("builtin:tiny-sd", cache=tmp_path / "a")
-    second = resolve_builtin("builtin:tiny-sd", cache=tmp_path / "b")
+    first = resolve_builtin("builtin:tiny-sd-random", cache=tmp_path / "a")
+    second = resolve_builtin("builtin:tiny-sd-random", cache=tmp_path / "b")
     a, b = _files(first), _files(second)
     weights = [name for name in a if name.endswith(".safetensors")]
     assert sorted(weights) == [
@@ -47,8 +51,8 @@ def test_tiny_sd_is_bit_identical_across_fresh_caches(tmp_path: Path) -> None:
 def test_built_folder_is_an_ordinary_diffusers_model(builtin_cache: Path) -> None:
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    root = resolve_builtin("builtin:tiny-sd")
-    assert root == builtin_cache / "builtin" / builtin.BUILD_VERSION / "tiny-sd"
+    root = resolve_builtin("builtin:tiny-sd-random")
+    assert root == builtin_cache / "builtin" / builtin.BUILD_VERSION / "tiny-sd-random"
     assert {p.name for p in root.iterdir()} == {
         "model_index.json",
         "unet",
@@ -69,15 +73,16 @@ def test_built_folder_is_an_ordinary_diffusers_model(builtin_cache: Path) -> Non
 
 
 def test_models_have_distinct_weights(builtin_cache: Path) -> None:
-    unets = {n: _files(resolve_builtin(f"builtin:{n}") / "unet") for n in ("tiny-sd", "tiny-sd-v", "tiny-sdxl")}
+    names = ("tiny-sd", "tiny-sd-random", "tiny-sd-v", "tiny-sdxl")
+    unets = {n: _files(resolve_builtin(f"builtin:{n}") / "unet") for n in names}
     blobs = [files["diffusion_pytorch_model.safetensors"] for files in unets.values()]
-    assert len(set(blobs)) == 3
+    assert len(set(blobs)) == 4
 
 
 def test_existing_folder_is_reused_and_no_temp_dirs_remain(builtin_cache: Path) -> None:
-    root = resolve_builtin("builtin:tiny-sd")
+    root = resolve_builtin("builtin:tiny-sd-random")
     stamp = (root / "unet" / "config.json").stat().st_mtime_ns
-    assert resolve_builtin("builtin:tiny-sd") == root
+    assert resolve_builtin("builtin:tiny-sd-random") == root
     assert (root / "unet" / "config.json").stat().st_mtime_ns == stamp
     assert not [p for p in root.parent.iterdir() if p.name.startswith(".")]
 

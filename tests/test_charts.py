@@ -71,7 +71,7 @@ def test_sampling_pipeline_does_not_print_the_torchvision_notes(builtin_cache: P
         "from loha_train.config import ModelConfig\n"
         "from loha_train.models.loading import load_models\n"
         "from loha_train.training import sampling\n"
-        "b = load_models(ModelConfig(path='builtin:tiny-sd'))\n"
+        "b = load_models(ModelConfig(path='builtin:tiny-sd-random'))\n"
         "m = sampling.SampleModels(b.unet, b.vae, b.text_encoders, b.tokenizers, b.scheduler_config)\n"
         "getattr(sampling, sys.argv[1])(m, 'euler')\n"
     )

@@ -42,7 +42,7 @@ def raw_config(out: Path, **train: Any) -> dict[str, Any]:
     dropout, a trained text encoder (a second DDP-wrapped model); three buckets, so the two processes often hold
     batches of different shapes at the same step (which DDP does not mind: it averages gradients, not batches)."""
     return {
-        "model": {"path": "builtin:tiny-sd"},
+        "model": {"path": "builtin:tiny-sd-random"},
         "network": {
             "preset": "full",
             "rank": 4,

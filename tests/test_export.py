@@ -208,7 +208,7 @@ def test_a_loha_file_written_by_lycoris_lora_loads_into_our_model(tmp_path):
 # ------------------------------------------------------------------------------------------ hashes, metadata
 def _config(**network):
     raw = {
-        "model": {"path": "builtin:tiny-sd", "clip_skip": 2},
+        "model": {"path": "builtin:tiny-sd-random", "clip_skip": 2},
         "network": {"preset": "full", "rank": 4, "alpha": 3.0, "conv_rank": 2, "rank_pattern": {"attn2": 6}, **network},
         "data": {"path": "builtin:shapes", "trigger_word": "sks", "resolution": 256},
         "train": {"max_steps": 10, "seed": 7},
@@ -224,7 +224,7 @@ def _metadata(cfg, network, family="sd1", prediction="epsilon"):
         family=family,
         prediction_type=prediction,
         base_model_hash="ab" * 32,
-        base_model_name="builtin:tiny-sd",
+        base_model_name="builtin:tiny-sd-random",
         dataset={
             "fingerprint": {"images": 16, "sha256": "cd" * 32},
             "tag_frequency": {"shapes": {"a red circle": 2}},

@@ -33,8 +33,8 @@ def cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def base(cache) -> Path:
-    """builtin:tiny-sd as a diffusers folder, built once into this module's own cache."""
-    return resolve_builtin("builtin:tiny-sd", cache=cache)
+    """builtin:tiny-sd-random as a diffusers folder, built once into this module's own cache."""
+    return resolve_builtin("builtin:tiny-sd-random", cache=cache)
 
 
 @pytest.fixture(scope="module")
@@ -170,12 +170,12 @@ def test_inspect_shows_table_totals_family_and_provenance(adapter, capsys):
 
 def test_inspect_base_builtin_passes_and_sdxl_file_fails(adapter, sdxl_file, cache, capsys, monkeypatch):
     monkeypatch.setenv("LOHA_TRAIN_CACHE", str(cache))
-    assert cli.main(["inspect", str(adapter), "--base", "builtin:tiny-sd"]) == 0
+    assert cli.main(["inspect", str(adapter), "--base", "builtin:tiny-sd-random"]) == 0
     out = capsys.readouterr().out
     assert "ComfyUI: 95/95 keys load, 0 unmatched" in out and "WebUI: not applicable" in out
     assert out.rstrip().endswith("Result: PASS")
 
-    assert cli.main(["inspect", str(sdxl_file), "--base", "builtin:tiny-sd"]) == 1
+    assert cli.main(["inspect", str(sdxl_file), "--base", "builtin:tiny-sd-random"]) == 1
     out = capsys.readouterr().out
     assert "targets: sdxl" in out and "the file targets sdxl, the base model is sd1" in out
     assert "ComfyUI: 0/2 keys load, 2 unmatched" in out and "Result: FAIL: 2 unmatched key(s)" in out

@@ -68,7 +68,7 @@ def kohya_reference(bundle: Any, caption: str, max_token_length: int, clip_skip:
 
 
 @pytest.mark.parametrize("max_token_length", [150, 225])
-@pytest.mark.parametrize("model", ["builtin:tiny-sd", "builtin:tiny-sd-v", "builtin:tiny-sdxl"])
+@pytest.mark.parametrize("model", ["builtin:tiny-sd-random", "builtin:tiny-sd-v", "builtin:tiny-sdxl"])
 @torch.no_grad()
 def test_long_captions_are_encoded_as_kohya_does(model: str, max_token_length: int) -> None:
     bundle = load_models(ModelConfig(path=model))
@@ -98,7 +98,7 @@ def test_the_plan_counts_truncated_captions_and_a_dry_run_lists_the_longest(tmp_
 
     from loha_train.training.data_pipeline import caption_notes
 
-    bundle = load_models(ModelConfig(path="builtin:tiny-sd"))
+    bundle = load_models(ModelConfig(path="builtin:tiny-sd-random"))
     cfg = tiny_config(tmp_path)
     captions = [long_caption(10), long_caption(100), long_caption(200)]
     notes = caption_notes(cfg, bundle, captions, list_longest=False)

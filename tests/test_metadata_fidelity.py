@@ -13,7 +13,7 @@ from loha_train.fileformat.metadata import build_metadata
 
 def metadata(tmp_path: Path, network: dict, train: dict) -> dict[str, str]:
     raw = {
-        "model": {"path": "builtin:tiny-sd"},
+        "model": {"path": "builtin:tiny-sd-random"},
         "network": network,
         "data": {"path": "builtin:shapes"},
         "train": {"max_steps": 1, **train},

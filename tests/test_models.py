@@ -27,7 +27,7 @@ from loha_train.models.detect import detect_model, model_hash
 from loha_train.models.loading import load_models
 from loha_train.models.single_file import save_single_file
 
-TINY = ("tiny-sd", "tiny-sd-v", "tiny-sdxl")
+TINY = ("tiny-sd-random", "tiny-sd-v", "tiny-sdxl")
 
 
 def _components(bundle: ModelBundle) -> dict[str, torch.nn.Module]:
@@ -82,7 +82,7 @@ UNET_ENTRY = {"unet": ["diffusers", "UNet2DConditionModel"]}
 @pytest.mark.parametrize(
     ("name", "family", "prediction", "encoders"),
     [
-        ("tiny-sd", "sd1", "epsilon", ["CLIPTextModel"]),
+        ("tiny-sd-random", "sd1", "epsilon", ["CLIPTextModel"]),
         ("tiny-sd-v", "sd2", "v_prediction", ["CLIPTextModel"]),
         ("tiny-sdxl", "sdxl", "epsilon", ["CLIPTextModel", "CLIPTextModelWithProjection"]),
     ],
@@ -107,7 +107,7 @@ def test_builtin_loads_as_a_diffusers_folder(
 
 
 def test_loading_a_folder_by_path_is_the_same_as_builtin(bundles: dict[str, ModelBundle], tiny_sd_dir: Path) -> None:
-    assert_same_weights(load_models(ModelConfig(path=str(tiny_sd_dir))), bundles["tiny-sd"])
+    assert_same_weights(load_models(ModelConfig(path=str(tiny_sd_dir))), bundles["tiny-sd-random"])
 
 
 def test_dtype_and_zero_terminal_snr(tiny_sd_dir: Path) -> None:
@@ -168,11 +168,11 @@ def test_diffusers_from_single_file_reads_our_files(bundles: dict[str, ModelBund
 def test_fp16_single_file_and_ckpt(
     bundles: dict[str, ModelBundle], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    bundle = bundles["tiny-sd"]
+    bundle = bundles["tiny-sd-random"]
     half = save_single_file(bundle, tmp_path / "half.safetensors", dtype=torch.float16)
     tensors = load_file(half)
     assert {t.dtype for k, t in tensors.items() if not k.endswith("position_ids")} == {torch.float16}
-    assert load_models(ModelConfig(path=str(half), tokenizer_path="builtin:tiny-sd")).unet.dtype == torch.float32
+    assert load_models(ModelConfig(path=str(half), tokenizer_path="builtin:tiny-sd-random")).unet.dtype == torch.float32
 
     # A .ckpt has no metadata: its architecture is the family's reference config, here made tiny.
     configs = json.loads(safe_open(str(half), "pt").metadata()[layout.METADATA_CONFIGS])
@@ -181,7 +181,7 @@ def test_fp16_single_file_and_ckpt(
     torch.save({"state_dict": full, "global_step": 10}, tmp_path / "model.ckpt")
     info = detect_model(tmp_path / "model.ckpt")
     assert (info.kind, info.family, info.prediction_type) == ("single_file", "sd1", "epsilon")
-    ckpt = load_models(ModelConfig(path=str(tmp_path / "model.ckpt"), tokenizer_path="builtin:tiny-sd"))
+    ckpt = load_models(ModelConfig(path=str(tmp_path / "model.ckpt"), tokenizer_path="builtin:tiny-sd-random"))
     assert_same_weights(bundle, ckpt)
 
 
@@ -288,11 +288,11 @@ def test_detects_family_from_header_keys(
 def test_sd2_single_file_needs_a_prediction_type(tmp_path: Path) -> None:
     path = write_header_file(tmp_path / "sd2.safetensors", STEM | {"cond_stage_model.model.ln_final.weight": (4,)})
     with pytest.raises(ModelError, match=r"sd2\.safetensors.*set model\.prediction_type"):
-        load_models(ModelConfig(path=str(path), tokenizer_path="builtin:tiny-sd"))
+        load_models(ModelConfig(path=str(path), tokenizer_path="builtin:tiny-sd-random"))
 
 
 def test_single_file_needs_a_tokenizer(bundles: dict[str, ModelBundle], tmp_path: Path) -> None:
-    path = save_single_file(bundles["tiny-sd"], tmp_path / "m.safetensors")
+    path = save_single_file(bundles["tiny-sd-random"], tmp_path / "m.safetensors")
     with pytest.raises(ModelError, match=r"m\.safetensors.*holds no tokenizer.*tokenizer_path"):
         load_models(ModelConfig(path=str(path)))
     with pytest.raises(ModelError, match="expected a CLIP tokenizer"):
@@ -362,18 +362,18 @@ def test_unusable_models_name_the_file_and_what_was_expected(tmp_path: Path, mak
 
 
 def test_wrong_architecture_single_file_is_a_model_error(bundles: dict[str, ModelBundle], tmp_path: Path) -> None:
-    path = save_single_file(bundles["tiny-sd"], tmp_path / "m.safetensors")
+    path = save_single_file(bundles["tiny-sd-random"], tmp_path / "m.safetensors")
     tensors = load_file(path)  # drop our metadata: the reference SD 1.5 architecture does not fit tiny weights
     save_file(tensors, path)
     with pytest.raises(ModelError, match=r"m\.safetensors: the UNet weights do not fit.*reference sd1 architecture"):
-        load_models(ModelConfig(path=str(path), tokenizer_path="builtin:tiny-sd"))
+        load_models(ModelConfig(path=str(path), tokenizer_path="builtin:tiny-sd-random"))
 
 
 # ------------------------------------------------------------------------------------------------- hashing
 def test_model_hash_is_stable_and_computed_once(
     bundles: dict[str, ModelBundle], builtin_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = save_single_file(bundles["tiny-sd"], tmp_path / "m.safetensors")
+    path = save_single_file(bundles["tiny-sd-random"], tmp_path / "m.safetensors")
     data = path.read_bytes()
     header = int.from_bytes(data[:8], "little")
     assert model_hash(path) == hashlib.sha256(data[8 + header :]).hexdigest()  # tensor data only, as WebUI
@@ -391,6 +391,8 @@ def test_model_hash_is_stable_and_computed_once(
     os.utime(path, ns=(1, 1))  # a changed file (new mtime) is hashed again
     assert model_hash(path) == hashlib.sha256(data[8 + header :]).hexdigest()
 
-    folder = model_hash("builtin:tiny-sd")
-    assert folder == model_hash(resolve_builtin("builtin:tiny-sd", cache=tmp_path / "other"))  # same bytes elsewhere
+    folder = model_hash("builtin:tiny-sd-random")
+    assert folder == model_hash(
+        resolve_builtin("builtin:tiny-sd-random", cache=tmp_path / "other")
+    )  # same bytes elsewhere
     assert len({folder, model_hash("builtin:tiny-sd-v"), model_hash("builtin:tiny-sdxl")}) == 3

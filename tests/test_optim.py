@@ -14,7 +14,7 @@ from loha_train.training.optim import check_optimizer, lr_warnings, make_optimiz
 
 def config(tmp_path: Path, **train: Any) -> Config:
     raw = {
-        "model": {"path": "builtin:tiny-sd"},
+        "model": {"path": "builtin:tiny-sd-random"},
         "data": {"path": "builtin:shapes"},
         "train": {"max_steps": 10, **train},
         "output": {"dir": str(tmp_path / "out")},

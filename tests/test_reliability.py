@@ -146,7 +146,7 @@ def test_bad_config_lists_every_problem_through_the_real_cli(tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
-        ("model:\n  path: builtin:tiny-sd\n network: {}\n", "YAML error at line 3, column 2"),
+        ("model:\n  path: builtin:tiny-sd-random\n network: {}\n", "YAML error at line 3, column 2"),
         ("train:\n  lr: [1e-4\noutput: {dir: out}\n", "YAML error at line 3, column 7"),
         ("train:\n  lr: 1e-4\n  lr: 2e-4\n", "duplicate key 'lr' (first at line 2)"),
     ],
@@ -666,7 +666,7 @@ def _changed_model(tmp_path: Path) -> list[str]:
     from loha_train.models.builtin import resolve_builtin
 
     copy = tmp_path / "other-model"
-    shutil.copytree(resolve_builtin("builtin:tiny-sd"), copy)
+    shutil.copytree(resolve_builtin("builtin:tiny-sd-random"), copy)
     return ["--set", f"model.path={copy}"]
 
 
@@ -685,7 +685,7 @@ CHANGES: dict[str, tuple[Callable[[Path], list[str]], list[str]]] = {
         lambda _: ["--set", "network.exclude=[attn2]"],
         ["network.exclude: checkpoint has [], config has ['attn2']"],
     ),
-    "model": (_changed_model, ["model.path: checkpoint has 'builtin:tiny-sd', config has "]),
+    "model": (_changed_model, ["model.path: checkpoint has 'builtin:tiny-sd-random', config has "]),
     "dataset contents": (_changed_image, ["data.content_sha256: checkpoint has "]),
 }
 

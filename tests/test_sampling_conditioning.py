@@ -34,7 +34,7 @@ def reference(bundle: Any, prompt: str, clip_skip: int) -> tuple[torch.Tensor, t
 
 
 @pytest.mark.parametrize("clip_skip", [1, 2])
-@pytest.mark.parametrize("model", ["builtin:tiny-sd", "builtin:tiny-sd-v", "builtin:tiny-sdxl"])
+@pytest.mark.parametrize("model", ["builtin:tiny-sd-random", "builtin:tiny-sd-v", "builtin:tiny-sdxl"])
 @torch.no_grad()
 def test_the_unet_sees_the_training_conditioning_while_sampling(model: str, clip_skip: int) -> None:
     bundle = load_models(ModelConfig(path=model))

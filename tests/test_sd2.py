@@ -48,7 +48,7 @@ def _scaled_linear_alphas_cumprod() -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- the target
-@pytest.mark.parametrize(("model", "zero_snr"), [(V, False), (V, True), ("builtin:tiny-sd", False)])
+@pytest.mark.parametrize(("model", "zero_snr"), [(V, False), (V, True), ("builtin:tiny-sd-random", False)])
 def test_the_loss_targets_v_for_v_models_and_noise_for_epsilon_models(model: str, zero_snr: bool) -> None:
     bundle = load_models(ModelConfig(path=model, zero_terminal_snr=zero_snr))
     cfg = tiny_config(Path("unused"), model__path=model, model__zero_terminal_snr=zero_snr)
@@ -130,7 +130,7 @@ def test_zero_terminal_snr_from_the_files_and_its_contradictions(tmp_path: Path)
 
     with pytest.raises(ModelError, match=r"zero terminal SNR \(model\.zero_terminal_snr\) needs a v-prediction.*"
                        r"epsilon \(scheduler/scheduler_config\.json: prediction_type=epsilon\)"):  # fmt: skip
-        load_models(ModelConfig(path="builtin:tiny-sd", zero_terminal_snr=True))
+        load_models(ModelConfig(path="builtin:tiny-sd-random", zero_terminal_snr=True))
     with pytest.raises(ConfigError, match=r"sample\.sampler: pndm cannot sample with model\.zero_terminal_snr"):
         tiny_config(tmp_path, model__path=V, model__zero_terminal_snr=True, sample__sampler="pndm")
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("builtin_cache", "fresh_accelerate")
 
 def tiny_raw(out: Path, **sets: Any) -> dict[str, Any]:
     raw: dict[str, Any] = {
-        "model": {"path": "builtin:tiny-sd"},
+        "model": {"path": "builtin:tiny-sd-random"},
         "network": {"preset": "full", "rank": 4, "alpha": 2},
         "data": {
             "path": "builtin:shapes",

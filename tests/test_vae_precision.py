@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("builtin_cache", "fresh_accelerate")
 
 @torch.no_grad()
 def test_vae_encodes_in_its_own_precision_under_autocast() -> None:
-    bundle = load_models(ModelConfig(path="builtin:tiny-sd"))
+    bundle = load_models(ModelConfig(path="builtin:tiny-sd-random"))
     pixels = torch.rand(2, 3, 64, 64) * 2 - 1
     vae = bundle.vae  # the reference: diffusers' encode in float32, scaled as the pipelines' scaling_factor says
     want = vae.encode(pixels.float()).latent_dist.mode() * vae.config.scaling_factor
@@ -42,7 +42,7 @@ def test_force_upcast_keeps_the_vae_in_float32_and_vae_dtype_overrides() -> None
 def test_latent_cache_key_holds_the_vae_precision(tmp_path: Path) -> None:
     make_image(tmp_path / "data" / "a.png", (64, 64))
     raw = {
-        "model": {"path": "builtin:tiny-sd"},
+        "model": {"path": "builtin:tiny-sd-random"},
         "data": {"path": str(tmp_path / "data")},
         "train": {"max_steps": 1},
         "output": {"dir": "o"},

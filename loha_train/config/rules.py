@@ -43,7 +43,23 @@ _ALPHA = _must(lambda v: v > 0, "> 0", "alpha 0 scales the adapter to nothing, a
 _EXTENSION = _must(lambda v: len(v) > 1 and v.startswith("."), "an extension starting with '.', like .txt")
 _FILE_STEM = _must(lambda v: v not in ("", ".", "..") and not set(v) & set("/\\"), "a file name without / or \\")
 
+# The words sample.concept understands (the measure in models/demo.py knows these colours and shapes).
+CONCEPT_COLOURS = ("red", "green", "blue", "yellow", "purple")
+CONCEPT_SHAPES = ("circle", "square", "triangle", "star")
+
+
+def _concept_error(value: str) -> str | None:
+    words = value.split()
+    if len(words) == 2 and words[0] in CONCEPT_COLOURS and words[1] in CONCEPT_SHAPES:
+        return None
+    return (
+        f"must be '<colour> <shape>' with a colour from {', '.join(CONCEPT_COLOURS)} and a shape from "
+        f"{', '.join(CONCEPT_SHAPES)}, got {show(value)}"
+    )
+
+
 FIELD_RULES: dict[str, FieldRule] = {
+    "sample.concept": _concept_error,
     "model.clip_skip": _AT_LEAST_1,
     "network.targets[]": _regex_error,
     "network.exclude[]": _regex_error,
@@ -262,6 +278,20 @@ RULES: tuple[_Rule, ...] = (
             train.validation_every_steps is not None and data.validation_path is None and data.validation_split == 0
         ),
         "needs a validation set: set data.validation_path or data.validation_split",
+    ),
+    _Rule(
+        "sample.concept",
+        lambda sample: sample.concept is not None and not sample.prompts,
+        "needs sample.prompts that name the concept, to score their images",
+    ),
+    _Rule(
+        "sample.concept",
+        lambda sample: (
+            sample.concept is not None
+            and sample.prompts
+            and not any(all(w in p.prompt.split() for w in sample.concept.split()) for p in sample.prompts)
+        ),
+        "no prompt in sample.prompts names both of its words ({sample.concept}), so there is nothing to score",
     ),
     _Rule(
         "sample.prompts",

@@ -257,6 +257,7 @@ class SampleConfig:
     prompts_file: str | None = None  # kohya prompt file: one prompt per line with --n --w --h --s --l --d, # comments
     guidance_rescale: float | None = None  # diffusers' CFG rescale; default 0.7 with zero_terminal_snr, else 0
     use_ema: bool = False  # samples and the validation loss use the EMA weights (needs train.ema)
+    concept: str | None = None  # "<colour> <shape>" (e.g. "purple star"): score the samples for it (README: quickstart)
 
 
 @dataclass(frozen=True)

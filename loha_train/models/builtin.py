@@ -71,6 +71,35 @@ TINY_VAE: dict[str, Any] = {
     "sample_size": 64,
 }
 
+# The demo model (builtin:tiny-sd) trained by scripts/build_demo_model.py and shipped in the package, in fp16:
+# 32 px images, a VAE with downsampling 4 (8x8x4 latents), a UNet with cross-attention at both levels, a small
+# frozen CLIP text encoder sharing the built-in tokenizer.
+DEMO_DIR = "loha_train/models/assets/tiny-sd"
+DEMO_UNET: dict[str, Any] = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+    "norm_num_groups": 8,
+}
+DEMO_CLIP_TEXT: dict[str, Any] = {**TINY_CLIP_TEXT, "hidden_act": "quick_gelu"}
+DEMO_VAE: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "block_out_channels": (16, 32, 32),
+    "down_block_types": ("DownEncoderBlock2D",) * 3,
+    "up_block_types": ("UpDecoderBlock2D",) * 3,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "layers_per_block": 1,
+    "sample_size": 32,
+}
+
 # Part of every cache folder name: bump it whenever a builder's output changes, so stale caches are not reused.
 BUILD_VERSION = "v1"
 SEED = 20240521
@@ -115,7 +144,7 @@ class _TinyModel:
 # tiny-sd-v has SD 2.x's markers: linear proj_in/proj_out, a GELU (OpenCLIP-like) text encoder, v-prediction
 # with a DDIM scheduler config as SD 2.1 ships.
 _MODELS: dict[str, _TinyModel] = {
-    "tiny-sd": _TinyModel(
+    "tiny-sd-random": _TinyModel(
         "sd1", "epsilon", SEED, TINY_SD_UNET, (_OPENAI_CLIP,), "PNDMScheduler", "StableDiffusionPipeline"
     ),
     "tiny-sd-v": _TinyModel(
@@ -137,8 +166,9 @@ _MODELS: dict[str, _TinyModel] = {
         "StableDiffusionXLPipeline",
     ),
 }
-_DATASETS = ("shapes",)
-BUILTIN_NAMES: tuple[str, ...] = (*_MODELS, *_DATASETS)
+_DATASETS = ("shapes", "stars")
+TRAINED = "tiny-sd"  # the demo model: trained, shipped in the package (DEMO_DIR), never built on the fly
+BUILTIN_NAMES: tuple[str, ...] = (TRAINED, *_MODELS, *_DATASETS)
 PREFIX = "builtin:"
 
 
@@ -162,12 +192,23 @@ def resolve_builtin(path: str, *, cache: Path | None = None) -> Path:
     if not is_builtin(path) or name not in BUILTIN_NAMES:
         valid = ", ".join(PREFIX + n for n in BUILTIN_NAMES)
         raise BuiltinError(f"unknown built-in {path!r}; valid names: {valid}")
+    if name == TRAINED:
+        return demo_model_dir()
     final = (cache or cache_dir()) / "builtin" / BUILD_VERSION / name
     if final.is_dir():
         return final
-    builder: Callable[[Path], None] = build_shapes if name in _DATASETS else lambda d: build_tiny_model(name, d)
+    builders: dict[str, Callable[[Path], None]] = {"shapes": build_shapes, "stars": build_stars}
+    builder = builders.get(name) or (lambda d: build_tiny_model(name, d))
     logger.info("building %s into %s (first use only, a few seconds; later runs reuse it)", path, final)
     return _build_atomically(final, builder)
+
+
+def demo_model_dir() -> Path:
+    """The demo model's folder inside the installed package (scripts/build_demo_model.py wrote it)."""
+    root = Path(__file__).resolve().parent / "assets" / "tiny-sd"
+    if not (root / "model_index.json").is_file():
+        raise BuiltinError(f"the demo model is missing from {root}: rebuild it with scripts/build_demo_model.py")
+    return root
 
 
 def _build_atomically(final: Path, builder: Callable[[Path], None]) -> Path:
@@ -319,3 +360,16 @@ def build_shapes(dest: Path) -> None:
         image.save(dest / f"{stem}.png", format="PNG")
         caption = f"a {colour} {shape} on a {background} background\n"
         (dest / f"{stem}.txt").write_text(caption, encoding="utf-8")
+
+
+def build_stars(dest: Path) -> None:
+    """Write builtin:stars into `dest`: 16 32-px blue stars (a shape the demo model has never seen) on white, black
+    and gray, captioned "a sks blue star on a <background> background" (sks: the trigger word)."""
+    from loha_train.models.demo import shape_image
+
+    rng = random.Random(SEED + 1)
+    for i in range(16):
+        background = BACKGROUNDS[i % 3] if i % 4 else "white"
+        shape_image("blue", "star", background, 32, rng).save(dest / f"{i:03d}_blue_star.png", format="PNG")
+        caption = f"a sks blue star on a {background} background\n"
+        (dest / f"{i:03d}_blue_star.txt").write_text(caption, encoding="utf-8")

@@ -151,6 +151,8 @@ def train(
         run.save_checkpoint()
     if cfg.sample.prompts and run.last_sampled != run.step:
         run.sample()
+    if cfg.sample.concept is not None and cfg.sample.prompts:
+        run.report_concept()
     run.export_adapter(paths.adapter)
     if main:
         log.close()

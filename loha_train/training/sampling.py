@@ -16,6 +16,7 @@ from torch import nn
 from loha_train.config import Config, SampleConfig, SamplePrompt
 from loha_train.models.bundle import ModelBundle
 from loha_train.models.encode import encode_captions
+from loha_train.training import concept
 from loha_train.training.metrics import MetricsLog, save_png
 from loha_train.training.progress import counter
 
@@ -181,24 +182,33 @@ def guidance_rescale(cfg: Config) -> float:
     return 0.7 if cfg.model.zero_terminal_snr else 0.0
 
 
-def sample_now(cfg: Config, bundle: ModelBundle, accelerator: Any, log: MetricsLog, folder: Path, step: int) -> None:
-    """Generate the configured prompts on the main process (the RNG state is kept); the others wait."""
-    if accelerator.is_main_process:
-        models = SampleModels(
-            accelerator.unwrap_model(bundle.unet),
-            bundle.vae,
-            [accelerator.unwrap_model(te) for te in bundle.text_encoders],
-            bundle.tokenizers,
-            bundle.scheduler_config,
-            cfg.model.clip_skip,
-            cfg.model.max_token_length,
-        )
-        rng_state = torch.random.get_rng_state()
+def generate_live(cfg: Config, bundle: ModelBundle, accelerator: Any, what: str) -> list[Image.Image]:
+    """The configured prompts through the live (adapted) models; the global RNG state is kept. Main process only."""
+    models = SampleModels(
+        accelerator.unwrap_model(bundle.unet),
+        bundle.vae,
+        [accelerator.unwrap_model(te) for te in bundle.text_encoders],
+        bundle.tokenizers,
+        bundle.scheduler_config,
+        cfg.model.clip_skip,
+        cfg.model.max_token_length,
+    )
+    rng_state = torch.random.get_rng_state()
+    with counter(f"sampling {what}", unit="image", position=1) as progress:
         sample_cfg = replace(cfg.sample, guidance_rescale=guidance_rescale(cfg))
-        with counter(f"sampling at step {step}", unit="image", position=1) as progress:
-            images = generate(models, sample_cfg, cfg.data.resolution, accelerator.autocast(), progress)
-        torch.random.set_rng_state(rng_state)
+        images = generate(models, sample_cfg, cfg.data.resolution, accelerator.autocast(), progress)
+    torch.random.set_rng_state(rng_state)
+    return images
+
+
+def sample_now(cfg: Config, bundle: ModelBundle, accelerator: Any, log: MetricsLog, folder: Path, step: int) -> None:
+    """Generate the configured prompts on the main process (the RNG state is kept); the others wait.
+    With sample.concept, the concept measure of the images is logged at the same step."""
+    if accelerator.is_main_process:
+        images = generate_live(cfg, bundle, accelerator, f"at step {step}")
         grid_path = save_samples(images, folder, step)
         with Image.open(grid_path) as grid_image:
             log.image("samples", grid_image.copy(), step)
+        if (result := concept.score(cfg, images)) is not None:
+            log.scalars(step, concept.scalars(result))
     accelerator.wait_for_everyone()

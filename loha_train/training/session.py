@@ -18,7 +18,7 @@ from loha_train.config import Config
 from loha_train.fileformat.adapter_io import save_adapter
 from loha_train.loha.inject import LoHaNetwork
 from loha_train.models.bundle import ModelBundle
-from loha_train.training import checkpoint
+from loha_train.training import checkpoint, concept
 from loha_train.training.checkpoint import TrainState
 from loha_train.training.data_pipeline import DataPipeline, stream_state
 from loha_train.training.ema import AdapterEMA
@@ -27,7 +27,7 @@ from loha_train.training.guards import TrainingError
 from loha_train.training.max_norm import apply_max_norm
 from loha_train.training.metrics import MetricsLog
 from loha_train.training.plan import OutputPaths, RunPlan
-from loha_train.training.sampling import sample_now
+from loha_train.training.sampling import generate_live, sample_now
 from loha_train.training.setup import may_leave_adapters_unused
 from loha_train.training.step import global_micro_index, micro_step, seed_everything_for
 from loha_train.training.validation import validation_loss
@@ -156,6 +156,18 @@ class Session:
         with self._weights(self.cfg.sample.use_ema):
             sample_now(self.cfg, self.bundle, self.accelerator, self.log, self.paths.samples, self.step)
         self.last_sampled = self.step
+
+    def report_concept(self) -> None:
+        """sample.concept: sample once more with the adapter at multiplier 0, write and print the concept report."""
+        if self.accelerator.is_main_process:
+            self.network.set_multiplier(0.0)
+            try:
+                at_zero = generate_live(self.cfg, self.bundle, self.accelerator, "with the adapter at multiplier 0")
+            finally:
+                self.network.set_multiplier(1.0)
+            from_zero = self.cfg.network.init_from is None
+            print(concept.describe(concept.report(self.cfg, self.paths.samples, self.step, at_zero, from_zero)))
+        self.accelerator.wait_for_everyone()
 
     def validate(self) -> None:
         with self._weights(self.cfg.sample.use_ema):
