@@ -126,7 +126,7 @@ def checked(path: str, **options: Any) -> tuple[data.DatasetIndex, data.ImageDat
 
 def tiny(out: Path, **data_options: Any) -> dict[str, Any]:
     return {
-        "model": {"path": "builtin:tiny-sd"},
+        "model": {"path": "builtin:tiny-sd-random"},
         "network": {"preset": "attn-only", "rank": 2, "alpha": 1},
         "data": {"resolution": 64, "bucket_min_side": 32, "bucket_max_side": 128, "bucket_step": 32,
                  "cache_latents": "memory", **data_options},

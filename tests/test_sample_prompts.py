@@ -12,7 +12,7 @@ from loha_train.config import ConfigError, ModelConfig, SampleConfig, SampleProm
 from loha_train.config.yaml_io import parse_yaml
 
 MINIMAL: dict[str, Any] = {
-    "model": {"path": "builtin:tiny-sd"},
+    "model": {"path": "builtin:tiny-sd-random"},
     "data": {"path": "builtin:shapes"},
     "train": {"max_steps": 1},
     "output": {"dir": "out"},
@@ -79,7 +79,7 @@ def test_guidance_rescale_is_diffusers_rescale_noise_cfg(monkeypatch: pytest.Mon
     from loha_train.models.loading import load_models
     from loha_train.training.sampling import SampleModels, generate
 
-    bundle = load_models(ModelConfig(path="builtin:tiny-sd"))
+    bundle = load_models(ModelConfig(path="builtin:tiny-sd-random"))
     outputs: list[torch.Tensor] = []
     stepped: list[torch.Tensor] = []
     hook = bundle.unet.register_forward_hook(lambda _m, _a, out: outputs.append(out[0].clone()))
