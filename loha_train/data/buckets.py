@@ -155,11 +155,16 @@ def load_pixels(path: Path | BinaryIO, plan: CropPlan, where: str | None = None)
             f"{where or path}: the image is {image.size[0]}x{image.size[1]} but was {plan.original[0]}x"
             f"{plan.original[1]} when the dataset was checked; it changed during the run"
         )
+    array = np.asarray(place(image, plan), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def place(image: Image.Image, plan: CropPlan) -> Image.Image:
+    """`plan`'s resize (LANCZOS), crop and flip applied to `image`: pixels and their loss masks take these same
+    steps, so a mask stays aligned with its image."""
     if image.size != plan.resized:
         image = image.resize(plan.resized, Image.Resampling.LANCZOS)
-    right, bottom = plan.left + plan.target[0], plan.top + plan.target[1]
-    image = image.crop((plan.left, plan.top, right, bottom))
+    image = image.crop((plan.left, plan.top, plan.left + plan.target[0], plan.top + plan.target[1]))
     if plan.flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    array = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    return image

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageOps
 
 from loha_train.config import DataConfig
-from loha_train.data.buckets import CropPlan
+from loha_train.data.buckets import CropPlan, place
 from loha_train.data.common import IMAGE_EXTENSIONS, DataError, sha256_file
 from loha_train.data.imaging import to_8bit
 from loha_train.data.scan import ImageItem
@@ -73,12 +73,7 @@ def crop_mask(mask: Image.Image, plan: CropPlan, where: Path | str) -> torch.Ten
             f"{where}: the mask is {mask.size[0]}x{mask.size[1]} but its image is {plan.original[0]}x"
             f"{plan.original[1]}; a mask must have its image's size"
         )
-    if mask.size != plan.resized:
-        mask = mask.resize(plan.resized, Image.Resampling.LANCZOS)
-    mask = mask.crop((plan.left, plan.top, plan.left + plan.target[0], plan.top + plan.target[1]))
-    if plan.flip:
-        mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return torch.from_numpy(np.asarray(mask, dtype=np.uint8).copy())
+    return torch.from_numpy(np.asarray(place(mask, plan), dtype=np.uint8).copy())
 
 
 def mask_source(cfg: DataConfig, items: Sequence[ImageItem], optional: Sequence[ImageItem] = ()) -> MaskSource | None:

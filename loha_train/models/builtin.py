@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loha_train.models.clip_bpe import BOS, EOS, train_clip_bpe, write_clip_tokenizer
+from loha_train.models.demo import RGB
 from loha_train.models.reference_configs import SD_SCHEDULE
 
 logger = logging.getLogger(__name__)
@@ -315,15 +316,7 @@ def build_tiny_model(name: str, dest: Path) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- shapes
-_RGB = {
-    "red": (220, 30, 30),
-    "green": (30, 170, 60),
-    "blue": (30, 70, 220),
-    "yellow": (240, 210, 30),
-    "white": (255, 255, 255),
-    "black": (0, 0, 0),
-    "gray": (128, 128, 128),
-}
+_RGB = RGB  # builtin:shapes draws in the demo's colours
 # (width, height) of the non-square images, to exercise aspect-ratio buckets.
 _NON_SQUARE = {12: (128, 96), 13: (96, 128), 14: (128, 96), 15: (96, 128)}
 
