@@ -58,3 +58,48 @@ def test_masked_flipped_wildcard_training_resumes_exactly(tmp_path: Path) -> Non
     assert [s for s, _ in losses(tmp_path / "split")] == list(range(1, 5))
     with safe_open(str(tmp_path / "straight" / "loha.safetensors"), framework="pt") as f:
         assert (f.metadata() or {})["ss_masked_loss"] == "True"
+
+
+def test_every_new_training_option_at_once_resumes_exactly(tmp_path: Path) -> None:
+    """Issue 17's acceptance: the options of all three parts together (kohya's loss, noise and timestep options,
+    lr groups, max-norm, DoRA, EMA exported, masks, flip with cached latents, wildcards, caption prefix) keep a
+    stopped-and-resumed run bit-identical to an uninterrupted one, and the file says what it holds."""
+    data = masked_shapes(tmp_path / "data")
+    sets: dict[str, Any] = {
+        "data__path": str(data),
+        "data__alpha_mask": True,
+        "data__flip": True,
+        "data__cache_latents": "memory",
+        "data__caption_wildcards": True,
+        "data__caption_prefix": "photo of",
+        "train__loss": "huber",
+        "train__huber_schedule": "snr",
+        "train__debiased_estimation": True,
+        "train__noise_offset": 0.05,
+        "train__noise_offset_random_strength": True,
+        "train__adaptive_noise_scale": 0.01,
+        "train__multires_noise_iterations": 3,
+        "train__ip_noise_gamma": 0.1,
+        "train__ip_noise_gamma_random_strength": True,
+        "train__min_timestep": 100,
+        "train__max_timestep": 900,
+        "train__lr_pattern": {".*up_blocks.*": 5e-4},
+        "train__ema": {"decay": 0.9},
+        "output__export_ema": True,
+        "network__weight_decompose": True,
+        "network__scale_weight_norms": 0.5,
+        "network__rank_dropout": 0.1,
+        "train__max_steps": 4,
+        "train__save_every_steps": 2,
+    }
+    run(tmp_path / "straight", **sets)
+    shutil.copytree(tmp_path / "straight", tmp_path / "split")  # resume the straight run's step-2 checkpoint
+    run(tmp_path / "split", resume=str(tmp_path / "split" / "checkpoints" / "step-000002"), **sets)
+    assert_same_run(tmp_path / "straight", tmp_path / "split", 4)
+    with safe_open(str(tmp_path / "split" / "loha.safetensors"), framework="pt") as f:
+        meta = f.metadata() or {}
+        assert any(key.endswith(".dora_scale") for key in f.keys())  # noqa: SIM118
+    assert meta["ss_loss_type"] == "huber"
+    assert meta["ss_masked_loss"] == "True"
+    assert meta["loha_train.weights"] == "ema"
+    assert [step for step, _ in losses(tmp_path / "split")] == [1, 2, 3, 4]
