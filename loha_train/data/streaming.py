@@ -86,6 +86,7 @@ class StreamBatches:
         self.epoch, self.read = 0, 0
         self.buffer: list[_Row] = []
         self._rows: Iterator[dict[str, Any]] | None = None
+        self._loaded: dict[str, Any] | None = None  # the state loaded into the stream, until its first row is read
         self._columns: tuple[str, str | None, str | None, str | None] | None = None
 
     # ------------------------------------------------------------------------------------------- state
@@ -104,7 +105,7 @@ class StreamBatches:
         """Rewind to `state`: reload the dataset's state, re-read the buffered rows, skip the emitted ones."""
         self.epoch, self.read, self.buffer = state["epoch"], state["anchor_position"], []
         self.stream.load_state_dict(copy.deepcopy(state["anchor"]))
-        self._rows = iter(self.stream)
+        self._rows, self._loaded = iter(self.stream), copy.deepcopy(state["anchor"])
         buffered = set(state["buffered"])
         while self.read < state["read"]:
             row = self._next_row()
@@ -143,7 +144,7 @@ class StreamBatches:
                 raise DataError(f"data.path: the stream {self.spec.location} has no rows for process {self.rank}")
             self.epoch, self.read = self.epoch + 1, 0
             self.stream.load_state_dict(copy.deepcopy(self._start))
-            self._rows = iter(self.stream)
+            self._rows, self._loaded = iter(self.stream), copy.deepcopy(self._start)
 
     def _full_bucket(self) -> Bucket | None:
         counts: dict[Bucket, int] = {}
@@ -182,7 +183,10 @@ class StreamBatches:
 
     def _next_row(self) -> _Row | None:
         assert self._rows is not None
-        before = self.stream.state_dict()
+        # the dataset sets its state when iteration starts: before the first row after load_state_dict its
+        # state_dict() is still the old one, so that row's state is the one just loaded
+        before = self._loaded if self._loaded is not None else self.stream.state_dict()
+        self._loaded = None
         record = next(self._rows, None)
         if record is None:
             return None
