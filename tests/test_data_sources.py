@@ -191,6 +191,7 @@ def test_every_source_kind_trains_three_steps_as_subsets(shapes: Path, tmp_path:
         assert f"source data.subsets[{i}].path ({name}, {kind}): 16 images x 1 repeats, 0 without caption" in plan
 
 
+@pytest.mark.lowest  # the datasets library at its lowest bound (3.0) reads tables and streams
 def test_folder_and_parquet_train_the_same_adapter(shapes: Path, tmp_path: Path, offline_hf: Path) -> None:
     parquet = make_source("parquet", shapes, tmp_path / "p", offline_hf)
     train(tiny(tmp_path / "folder", path=str(shapes)))
@@ -430,6 +431,7 @@ def test_stream_state_resumes_exactly_across_the_buffer_and_epochs(
             assert torch.equal(got["pixels"], want["pixels"])
 
 
+@pytest.mark.lowest  # the datasets library at its lowest bound (3.0) reads tables and streams
 def test_streaming_run_resumed_equals_uninterrupted(shapes: Path, tmp_path: Path, offline_hf: Path) -> None:
     path = make_source("shards", shapes, tmp_path / "s", offline_hf)
     options = {"path": path, "streaming": True, "cache_latents": "none", "stream_buffer": 3, "resolution": 96}
