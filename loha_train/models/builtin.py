@@ -76,28 +76,17 @@ TINY_VAE: dict[str, Any] = {
 # 32 px images, a VAE with downsampling 4 (8x8x4 latents), a UNet with cross-attention at both levels, a small
 # frozen CLIP text encoder sharing the built-in tokenizer.
 DEMO_DIR = "loha_train/models/assets/tiny-sd"
-DEMO_UNET: dict[str, Any] = {
-    "sample_size": 8,
-    "in_channels": 4,
-    "out_channels": 4,
-    "block_out_channels": (32, 64),
-    "layers_per_block": 1,
+DEMO_UNET: dict[str, Any] = {  # the tiny UNet with cross-attention at both levels
+    **TINY_SD_UNET,
     "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    "cross_attention_dim": 32,
-    "attention_head_dim": 8,
-    "norm_num_groups": 8,
 }
 DEMO_CLIP_TEXT: dict[str, Any] = {**TINY_CLIP_TEXT, "hidden_act": "quick_gelu"}
-DEMO_VAE: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
+DEMO_VAE: dict[str, Any] = {  # the tiny VAE with three blocks (downsampling 4) and wider channels, for 32 px
+    **TINY_VAE,
     "block_out_channels": (16, 32, 32),
     "down_block_types": ("DownEncoderBlock2D",) * 3,
     "up_block_types": ("UpDecoderBlock2D",) * 3,
-    "latent_channels": 4,
-    "norm_num_groups": 8,
-    "layers_per_block": 1,
     "sample_size": 32,
 }
 
