@@ -152,6 +152,20 @@ def losses(out: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(out / "logs" / "metrics.jsonl") if "loss" in r]
 
 
+def assert_split_run_equals(raw: dict[str, Any], split_dir: Path) -> None:
+    """`raw` (already trained to its max_steps, 4) run again into `split_dir`, stopped at step 2 and resumed with
+    --resume latest: the same losses and adapter as the straight run."""
+    split = copy.deepcopy(raw)
+    split["output"]["dir"] = str(split_dir)
+    split["train"]["max_steps"] = 2
+    train(split)
+    split["train"]["max_steps"] = 4
+    train(split, resume="latest")
+    straight = Path(raw["output"]["dir"])
+    assert losses(straight) == losses(split_dir)
+    assert same_adapter(straight, split_dir)
+
+
 def same_adapter(a: Path, b: Path) -> bool:
     fa, fb = load_file(str(a / "loha.safetensors")), load_file(str(b / "loha.safetensors"))
     return fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
@@ -357,14 +371,7 @@ def test_subsets_in_the_plan_and_exact_resume(shapes: Path, tmp_path: Path, offl
     assert "source data.subsets[0].path (concept, kohya): 6 images x 2 repeats, 0 without caption" in plan
     assert "source data.subsets[1].path (style, parquet table): 6 images x 3 repeats" in plan
     assert "source data.subsets[2].path (reg, folder, regularization): 4 images x 1 repeats, 0 without caption" in plan
-    split = copy.deepcopy(raw)
-    split["output"]["dir"] = str(tmp_path / "split")
-    split["train"]["max_steps"] = 2
-    train(split)
-    split["train"]["max_steps"] = 4
-    train(split, resume="latest")
-    assert losses(tmp_path / "straight") == losses(tmp_path / "split")
-    assert same_adapter(tmp_path / "straight", tmp_path / "split")
+    assert_split_run_equals(raw, tmp_path / "split")
 
 
 # ------------------------------------------------------------------------------------------------- streaming
@@ -439,11 +446,4 @@ def test_streaming_run_resumed_equals_uninterrupted(shapes: Path, tmp_path: Path
     raw["train"]["max_steps"] = 4
     plan = "\n".join(train(raw))
     assert "streaming" in plan and "buffer of 3 samples" in plan
-    split = copy.deepcopy(raw)
-    split["output"]["dir"] = str(tmp_path / "split")
-    split["train"]["max_steps"] = 2
-    train(split)
-    split["train"]["max_steps"] = 4
-    train(split, resume="latest")
-    assert losses(tmp_path / "straight") == losses(tmp_path / "split")
-    assert same_adapter(tmp_path / "straight", tmp_path / "split")
+    assert_split_run_equals(raw, tmp_path / "split")

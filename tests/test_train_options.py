@@ -34,20 +34,24 @@ def masked_shapes(folder: Path) -> Path:
     return folder
 
 
+def masked_flipped_wildcards(folder: Path, cache: str) -> dict[str, Any]:
+    """Settings of a 4-step run on `masked_shapes` with alpha masks, flips from `cache`d latents and wildcards."""
+    return {
+        "data__path": str(masked_shapes(folder)),
+        "data__alpha_mask": True,
+        "data__flip": True,
+        "data__cache_latents": cache,
+        "data__caption_wildcards": True,
+        "train__max_steps": 4,
+    }
+
+
 def test_masked_flipped_wildcard_training_resumes_exactly(tmp_path: Path) -> None:
     from accelerate.state import AcceleratorState
 
     from loha_train.training.recipe import train
 
-    data = masked_shapes(tmp_path / "data")
-    sets: dict[str, Any] = {
-        "data__path": str(data),
-        "data__alpha_mask": True,
-        "data__flip": True,
-        "data__cache_latents": "disk",
-        "data__caption_wildcards": True,
-        "train__max_steps": 4,
-    }
+    sets = masked_flipped_wildcards(tmp_path / "data", cache="disk")
     lines: list[str] = []
     AcceleratorState._reset_state(True)
     train(tiny_config(tmp_path / "straight", **sets), echo=lines.append)
@@ -64,13 +68,8 @@ def test_every_new_training_option_at_once_resumes_exactly(tmp_path: Path) -> No
     """Issue 17's acceptance: the options of all three parts together (kohya's loss, noise and timestep options,
     lr groups, max-norm, DoRA, EMA exported, masks, flip with cached latents, wildcards, caption prefix) keep a
     stopped-and-resumed run bit-identical to an uninterrupted one, and the file says what it holds."""
-    data = masked_shapes(tmp_path / "data")
     sets: dict[str, Any] = {
-        "data__path": str(data),
-        "data__alpha_mask": True,
-        "data__flip": True,
-        "data__cache_latents": "memory",
-        "data__caption_wildcards": True,
+        **masked_flipped_wildcards(tmp_path / "data", cache="memory"),
         "data__caption_prefix": "photo of",
         "train__loss": "huber",
         "train__huber_schedule": "snr",
@@ -89,7 +88,6 @@ def test_every_new_training_option_at_once_resumes_exactly(tmp_path: Path) -> No
         "network__weight_decompose": True,
         "network__scale_weight_norms": 0.5,
         "network__rank_dropout": 0.1,
-        "train__max_steps": 4,
         "train__save_every_steps": 2,
     }
     run(tmp_path / "straight", **sets)
